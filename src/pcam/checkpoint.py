@@ -1,0 +1,85 @@
+"""Checkpoints: written atomically and byte-reproducibly, read only with weights_only=True."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pcam.errors import PcamError
+from pcam.fileio import write_bytes
+from pcam.models import build_model
+
+FORMAT = "pcam-checkpoint/1"
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
+    """Serialise to memory first, then rename into place.
+
+    torch.save names the zip archive after the file it writes to; saving to a temporary file name
+    would make identical checkpoints differ by bytes, so we save into a buffer instead.
+    """
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, buf)
+    write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint safely: tensors and plain containers only, never arbitrary pickles."""
+    path = Path(path)
+    if not path.is_file():
+        raise PcamError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise PcamError(
+            f"{path}: refused to load: the checkpoint carries pickled objects beyond tensors and "
+            f"plain containers ({first[:200]})"
+        ) from None
+    except (RuntimeError, OSError, EOFError) as err:
+        raise PcamError(f"{path}: not a readable torch checkpoint ({str(err).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise PcamError(f"{path}: not a pcam checkpoint (expected format {FORMAT!r})")
+    return ckpt
+
+
+def load_model(ckpt: dict, path: str | os.PathLike = "checkpoint") -> nn.Module:
+    """Rebuild the architecture recorded in the checkpoint and load its weights strictly."""
+    model = build_model(ckpt["model_config"])
+    state = ckpt["model_state"]
+    load_state_strict(model, state, path)
+    return model
+
+
+def load_state_strict(model: nn.Module, state: dict, path: str | os.PathLike) -> None:
+    """load_state_dict, but a mismatch says which keys are missing/unexpected and which shapes differ."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state))
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_few(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatch {_few(shapes)}")
+        raise PcamError(
+            f"{path}: checkpoint does not fit model {type(model).__name__}: " + "; ".join(parts)
+        )
+    model.load_state_dict(state)
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return "[" + ", ".join(items[:n]) + "]" + more

@@ -1,0 +1,111 @@
+"""Splits resident in memory as uint8, batched normalisation and augmentation.
+
+Why: per-sample h5py reads behind a DataLoader starve the model (the seeds' GPU ran slower than
+their CPU). We read each split in large contiguous slices once, keep it as uint8 (4x smaller than
+float32), and do normalisation/augmentation per batch as tensor ops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pcam import h5io
+from pcam.errors import PcamError
+
+READ_CHUNK_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split in memory: x (N,96,96,3) uint8 NHWC, y (N,) uint8, and the original indices."""
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    index: np.ndarray  # row of each sample in the original file (survives exclusions)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def read_x(path: str | os.PathLike, rows: np.ndarray | None = None) -> np.ndarray:
+    """Read an x file into one uint8 array with contiguous slices; `rows` keeps a subset (sorted)."""
+    f, ds = h5io.open_dataset(path, "x")
+    with f:
+        if ds.dtype != np.uint8 or ds.shape[1:] != h5io.PATCH_SHAPE:
+            raise PcamError(f"{path}: dataset 'x' is {ds.shape} {ds.dtype}, expected (N,96,96,3) uint8")
+        n = ds.shape[0]
+        keep = np.arange(n) if rows is None else rows
+        out = np.empty((len(keep),) + h5io.PATCH_SHAPE, dtype=np.uint8)
+        done = 0
+        for sl in h5io.iter_chunks(n, READ_CHUNK_ROWS):
+            # Read the whole contiguous chunk, then select: fast even when a few rows are excluded.
+            sel = keep[(keep >= sl.start) & (keep < sl.stop)]
+            if len(sel) == 0:
+                continue
+            block = h5io.read_rows(ds, sl, path)
+            out[done : done + len(sel)] = block[sel - sl.start]
+            done += len(sel)
+    return out
+
+
+def load_excluded(exclusions_path: str | os.PathLike | None, split: str) -> np.ndarray:
+    """Indices that validate-data excluded from `split` (exclusions.json written by validate-data)."""
+    if exclusions_path is None:
+        return np.empty(0, dtype=np.int64)
+    doc = json.loads(Path(exclusions_path).read_text())
+    entries = doc["splits"].get(split, {}).get("excluded", [])
+    return np.asarray(sorted({e["index"] for e in entries}), dtype=np.int64)
+
+
+def load_split(
+    raw_dir: str | os.PathLike, split: str, exclusions_path: str | os.PathLike | None = None
+) -> Split:
+    """Load one split into memory, minus the indices validate-data excluded."""
+    xp, yp, _ = h5io.split_files(raw_dir, split)
+    y_all = h5io.read_labels(yp)
+    excluded = load_excluded(exclusions_path, split)
+    keep = np.setdiff1d(np.arange(len(y_all)), excluded)
+    x = read_x(xp, keep)
+    return Split(split, torch.from_numpy(x), torch.from_numpy(y_all[keep]), keep)
+
+
+def load_stats(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    doc = json.loads(Path(path).read_text())
+    return torch.tensor(doc["mean"], dtype=torch.float32), torch.tensor(doc["std"], dtype=torch.float32)
+
+
+def normalise(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC batch -> float32 NCHW (channels_last in memory, which is what CPU convs like).
+
+    mean/std are per channel on the 0..1 scale, from the train split only (compute-stats).
+    """
+    x = x_uint8.to(torch.float32).div_(255.0)
+    x = (x - mean.to(x.device)) / std.to(x.device)
+    return x.permute(0, 3, 1, 2)
+
+
+def augment(x_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random flips and 90-degree rotations of a uint8 NHWC batch (train only).
+
+    Tissue has no canonical orientation, so these are label-preserving. One random draw per
+    sample from `generator` keeps it reproducible.
+    """
+    n = x_uint8.shape[0]
+    codes = torch.randint(0, 8, (n,), generator=generator)
+    out = x_uint8.clone()
+    for code in range(1, 8):
+        idx = (codes == code).nonzero().flatten()
+        if len(idx) == 0:
+            continue
+        part = x_uint8[idx]
+        if code & 4:
+            part = part.flip(2)
+        out[idx] = torch.rot90(part, k=code & 3, dims=(1, 2))
+    return out

@@ -1,0 +1,240 @@
+"""Download the official PCAM files (Zenodo record 2546921) into a raw-data directory.
+
+The `prepare` stage calls this when `data.source` is `pcam`:
+
+    from pcam.download import PCAM_BASE_URL, download_pcam
+    paths = download_pcam(Path("data/raw"), PCAM_BASE_URL, cache_dir=Path(".cache/pcam"))
+
+Zenodo serves x and y as gzip-compressed HDF5 (`*.h5.gz`) and the meta CSVs plain. Every file is
+first downloaded into a cache directory, resuming a partial file with an HTTP Range request, and
+verified there (md5; the CSVs are also parsed). Only when all nine are verified are they unpacked
+into `dest_dir`, each into a temporary that must open as HDF5 with the right dataset, and renamed
+into place together at the end. So an interrupted or corrupt download leaves nothing in `dest_dir`
+that looks valid, and the files already there survive a failed run. Verified downloads stay in the
+cache, so running again does not download them again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import http.client
+import re
+import shutil
+import time
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import h5py
+from tqdm import tqdm
+
+from pcam.errors import PcamError
+from pcam.fileio import atomic_path
+from pcam.h5io import SPLITS, meta_name, read_meta, x_name, y_name
+
+PCAM_BASE_URL = "https://zenodo.org/records/2546921/files"
+
+# md5 of the .gz files. The table in the PCAM README (github.com/basveeling/pcam) lists the valid
+# and test rows swapped: there valid_x is d8c2... and test_x is d5b6.... The files themselves hash
+# as below (the same values torchvision's PCAM class checks). The meta CSVs have no official md5:
+# they are checked by parsing them (h5io.read_meta) instead.
+PCAM_MD5 = {
+    "camelyonpatch_level_2_split_train_x.h5.gz": "1571f514728f59376b705fc836ff4b63",
+    "camelyonpatch_level_2_split_train_y.h5.gz": "35c2d7259d906cfc8143347bb8e05be7",
+    "camelyonpatch_level_2_split_valid_x.h5.gz": "d5b63470df7cfa627aeec8b9dc0c066e",
+    "camelyonpatch_level_2_split_valid_y.h5.gz": "2b85f58b927af9964a4c15b8f7e8f179",
+    "camelyonpatch_level_2_split_test_x.h5.gz": "d8c2d60d490dbd479f8199bdfa0cf6ec",
+    "camelyonpatch_level_2_split_test_y.h5.gz": "60a7035772fbdb7f34eb86d4420cf66a",
+}
+
+CHUNK_BYTES = 1 << 20  # 1 MiB reads/writes: full throughput, constant memory, smooth progress bar
+# The wait before the k-th consecutive retry is RETRY_BACKOFF_S * 2**(k-1): transient errors clear
+# within seconds, and a server that is really down should fail the stage quickly, not hang it.
+RETRY_BACKOFF_S = 1.0
+USER_AGENT = "pcam-pipeline (urllib)"
+
+
+def download_pcam(
+    dest_dir: Path,
+    base_url: str,
+    *,
+    md5: Mapping[str, str] = PCAM_MD5,
+    cache_dir: Path | None = None,
+    timeout_s: float = 60.0,
+    retries: int = 3,
+    progress: bool = True,
+) -> list[Path]:
+    """Download, verify and unpack the PCAM files into `dest_dir`; return the nine final paths.
+
+    The URL of a file is `base_url + "/" + name`. `md5` maps a remote file name to its md5 (files
+    without an entry are not hashed). `cache_dir` (default `dest_dir/.download`) keeps the
+    downloads. `retries` is how many consecutive attempts that received nothing are retried per
+    file; an attempt that made progress resets the count, so a slow flaky link still finishes.
+    `timeout_s` is the socket timeout for connecting and for each read.
+    """
+    dest_dir = Path(dest_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else dest_dir / ".download"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # (name in dest_dir, remote name, HDF5 dataset it must hold or None for the CSV)
+    plan: list[tuple[str, str, str | None]] = []
+    for split in SPLITS:
+        plan.append((x_name(split), x_name(split) + ".gz", "x"))
+        plan.append((y_name(split), y_name(split) + ".gz", "y"))
+        plan.append((meta_name(split), meta_name(split), None))
+
+    # All network work and checksums first: a failure here has not touched dest_dir at all.
+    cached = []
+    for _, remote, dataset in plan:
+        url = f"{base_url.rstrip('/')}/{remote}"
+        path = _fetch_verified(
+            url, cache_dir / remote, md5.get(remote), timeout_s, retries, progress
+        )
+        if dataset is None:
+            _check_meta(path)
+        cached.append(path)
+
+    # Unpack into temporaries next to the targets; ExitStack renames them all only if every one
+    # unpacked and checked, and removes them all otherwise, so dest_dir is never half-updated.
+    with contextlib.ExitStack() as stack:
+        for (final, _, dataset), src in zip(plan, cached, strict=True):
+            tmp = stack.enter_context(atomic_path(dest_dir / final))
+            if dataset is None:
+                shutil.copyfile(src, tmp)
+            else:
+                _gunzip_checked(src, tmp, dataset)
+    return [dest_dir / final for final, _, _ in plan]
+
+
+def _fetch_verified(
+    url: str, path: Path, expected_md5: str | None, timeout_s: float, retries: int, progress: bool
+) -> Path:
+    """Return `path` holding the verified content of `url`, downloading only what is missing."""
+    expected_md5 = expected_md5.lower() if expected_md5 else None
+    if path.is_file():
+        if expected_md5 is None or _md5(path) == expected_md5:
+            return path
+        path.unlink()  # a cached file that no longer matches (disk error, edited): fetch it afresh
+    # The download grows in `.part`; only a complete, verified file gets the cache name.
+    part = path.with_name(path.name + ".part")
+    _download(url, part, timeout_s, retries, progress)
+    if expected_md5 is not None:
+        actual = _md5(part)
+        if actual != expected_md5:
+            part.unlink()  # resuming a corrupt file could never fix it: the next run starts over
+            raise PcamError(
+                f"{url}: md5 mismatch for {path.name}: expected {expected_md5}, got {actual} "
+                "(deleted the download; run again to retry)"
+            )
+    part.replace(path)
+    return path
+
+
+def _download(url: str, part: Path, timeout_s: float, retries: int, progress: bool) -> None:
+    """Download `url` into `part`, resuming from its current size, retrying transient errors."""
+    failures = 0
+    while True:
+        offset = part.stat().st_size if part.exists() else 0
+        try:
+            if _transfer(url, part, offset, timeout_s, progress):
+                return
+            reason = "connection closed before the end of the file"
+        except urllib.error.HTTPError as err:
+            if err.code == 416 and offset > 0:
+                # The partial file is not a prefix the server can continue (e.g. longer than the
+                # remote file): start over rather than give up.
+                part.unlink()
+                continue
+            if not (err.code >= 500 or err.code in (408, 429)):
+                raise PcamError(f"{url}: HTTP {err.code} {err.reason}") from None
+            reason = f"HTTP {err.code} {err.reason}"
+        except urllib.error.URLError as err:
+            reason = str(err.reason)
+        except (OSError, http.client.HTTPException) as err:
+            reason = str(err) or type(err).__name__
+        made_progress = part.exists() and part.stat().st_size > offset
+        failures = 0 if made_progress else failures + 1
+        if failures > retries:
+            raise PcamError(f"{url}: download failed after {failures} attempts ({reason})")
+        time.sleep(RETRY_BACKOFF_S * 2 ** max(failures - 1, 0))
+
+
+def _transfer(url: str, part: Path, offset: int, timeout_s: float, progress: bool) -> bool:
+    """One HTTP request appending to `part` from `offset`; True if the file is now complete."""
+    headers = {"User-Agent": USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+        if resp.status == 206:
+            match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", resp.headers.get("Content-Range", ""))
+            if match is None or int(match.group(1)) != offset:
+                part.unlink()  # a range we did not ask for cannot be appended: start over
+                return False
+            total = None if match.group(2) == "*" else int(match.group(2))
+        else:
+            # No Range sent, or the server ignored it and sends the whole file: start from zero.
+            offset = 0
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length is not None else None
+        bar = tqdm(
+            total=total,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=part.name.removesuffix(".part"),
+            disable=not progress,
+        )
+        with bar, open(part, "ab" if offset else "wb") as fh:
+            while chunk := resp.read(CHUNK_BYTES):
+                fh.write(chunk)
+                bar.update(len(chunk))
+    # http.client returns a short body without raising when the peer closes early, so the size
+    # check is what detects a dropped connection (without Content-Length only md5 can).
+    return total is None or part.stat().st_size == total
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)  # an integrity check, not security
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_meta(path: Path) -> None:
+    """Parse a downloaded meta CSV; a bad one is removed from the cache so a rerun fetches it."""
+    try:
+        read_meta(path)
+    except PcamError as err:
+        path.unlink()
+        raise PcamError(f"{err} (deleted the download; run again to retry)") from None
+
+
+def _gunzip_checked(gz: Path, out: Path, dataset: str) -> None:
+    """Stream-gunzip `gz` into `out` (constant memory); `out` must be HDF5 holding `dataset`."""
+    try:
+        with gzip.open(gz, "rb") as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, CHUNK_BYTES)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        gz.unlink()
+        raise PcamError(
+            f"{gz}: corrupt gzip ({err or type(err).__name__}); deleted it, run again to retry"
+        ) from None
+    try:
+        with h5py.File(out, "r") as f:
+            ok = isinstance(f.get(dataset), h5py.Dataset)
+            found = list(f.keys())
+    except OSError as err:
+        gz.unlink()
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PcamError(
+            f"{gz}: unpacked content is not a readable HDF5 file ({first_line})"
+        ) from None
+    if not ok:
+        gz.unlink()
+        raise PcamError(f"{gz}: unpacked HDF5 has no dataset '{dataset}' (found {found})")

@@ -1,0 +1,259 @@
+"""Check that dvc.lock is current with the committed code, params and dvc.yaml, without any data.
+
+Run it in CI on a fresh clone (no data, no DVC cache):
+
+    python -m pcam.lockcheck [--repo DIR]      # or: make lock-check
+
+Exit 0: nothing `dvc repro` would re-run except for outputs that are merely absent. Exit 1: one line
+per problem (`train: param changed: train.lr`) and a hint to re-run and commit. Exit 2: dvc itself
+failed (not a DVC repo, invalid dvc.yaml / dvc.lock / params.yaml).
+
+Why not simpler tools: `dvc status` reports every absent output in a clone without data, and
+`dvc repro --dry --allow-missing` misses some changes (DVC issues 9818 and 9861). So this parses
+`dvc status --json` and sets "absent" apart from real drift, using dvc.lock for what status cannot
+say (whether a stage or an output is recorded in the lock at all).
+
+What counts as current is what DVC itself uses to decide whether to re-run a stage. Two
+consequences: dependencies, params, outputs or stages *removed* from dvc.yaml but still in dvc.lock
+are not reported (DVC ignores the leftover entries, and `dvc repro` would not touch them); and
+frozen stages are not checked (DVC neither reports nor re-runs them). Only the root dvc.lock is
+read, so stages of a nested dvc.yaml would be reported as not in dvc.lock; this project has none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import posixpath
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Drift kinds: each is the middle part of a printed line `stage: kind: detail`.
+STAGE_NOT_LOCKED = "stage not in dvc.lock (run dvc repro)"
+COMMAND_CHANGED = "command changed"
+PARAM_CHANGED = "param changed"
+PARAM_NOT_LOCKED = "param not in dvc.lock"
+PARAM_DELETED = "param deleted from params file"
+DEP_MODIFIED = "dependency modified"
+DEP_DELETED = "dependency deleted"
+DEP_NOT_LOCKED = "dependency not in dvc.lock"
+OUT_MODIFIED = "output modified in workspace"
+OUT_NOT_LOCKED = "output not in dvc.lock"
+
+# Output states that only say the file is not here (no data pulled, or a clone has no cache).
+ABSENT = ("not in cache", "deleted")
+
+STALE_HINT = "dvc.lock is stale: run `dvc repro` and commit dvc.lock"
+
+
+@dataclass(frozen=True)
+class Drift:
+    """One way in which dvc.lock no longer describes the pipeline, for one stage."""
+
+    stage: str
+    kind: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        line = f"{self.stage}: {self.kind}"
+        return f"{line}: {self.detail}" if self.detail else line
+
+
+def _norm(path: str) -> str:
+    # dvc status prints OS paths relative to the cwd; dvc.lock keeps dvc.yaml's spelling.
+    return posixpath.normpath(path.replace("\\", "/"))
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def _locked_paths(entry: dict[str, Any], key: str) -> set[str]:
+    return {_norm(item["path"]) for item in entry.get(key) or []}
+
+
+def _status_outs(entries: list[Any]) -> dict[str, str]:
+    outs: dict[str, str] = {}
+    for entry in entries:
+        if isinstance(entry, dict):
+            outs.update(entry.get("changed outs", {}))
+    return outs
+
+
+def _is_data_file(key: str) -> bool:
+    # `dvc add` / `dvc import` files appear in status under their own name, not as stages.
+    return key.endswith(".dvc")
+
+
+def find_drift(status: dict[str, Any], lock: dict[str, Any]) -> list[Drift]:
+    """Real changes in `dvc status --json` output, ignoring outputs that are merely absent.
+
+    `status` is the parsed JSON of `dvc status --json`; `lock` is the parsed dvc.lock ({} when
+    there is none). The lock is needed because in a clone without data a stage that was never run,
+    or an output that was never recorded, looks in `status` exactly like a recorded one whose file
+    is absent.
+    """
+    locked = lock.get("stages") or {}
+    # A deleted dependency is only absence when it is (inside) some stage's output: a clone has
+    # upstream outputs missing. Outputs of `.dvc` files are not in dvc.lock, so take status's too.
+    all_outs = {_norm(path) for entry in locked.values() for path in _locked_paths(entry, "outs")}
+    all_outs |= {_norm(path) for entries in status.values() for path in _status_outs(entries)}
+
+    drift: list[Drift] = []
+    for stage, entries in status.items():
+        if _is_data_file(stage):
+            for path, state in _status_outs(entries).items():
+                if state not in ABSENT:
+                    drift.append(Drift(stage, OUT_MODIFIED, path))
+            continue
+        if stage not in locked:
+            # Everything else about a never-run stage is noise: its deps all look "modified".
+            drift.append(Drift(stage, STAGE_NOT_LOCKED))
+            continue
+        entry = locked[stage]
+        locked_deps = _locked_paths(entry, "deps") | {_norm(p) for p in entry.get("params") or {}}
+        locked_outs = _locked_paths(entry, "outs")
+        for item in entries:
+            if isinstance(item, str):
+                drift.extend(_stage_drift(stage, item))
+                continue
+            for path, state in item.get("changed deps", {}).items():
+                drift.extend(_dep_drift(stage, path, state, locked_deps, all_outs))
+            for path, state in item.get("changed outs", {}).items():
+                drift.extend(_out_drift(stage, path, state, locked_outs))
+    return drift
+
+
+def _stage_drift(stage: str, state: str) -> list[Drift]:
+    if state == "changed command":
+        return [Drift(stage, COMMAND_CHANGED)]
+    if state == "always changed":
+        # The stage opted out of caching (always_changed: true); that is not a stale lock.
+        return []
+    return [Drift(stage, state)]
+
+
+def _dep_drift(
+    stage: str, path: str, state: str | dict[str, str], locked_deps: set[str], all_outs: set[str]
+) -> list[Drift]:
+    if isinstance(state, dict):  # a params file: {"train.lr": "modified", ...}
+        kinds = {"modified": PARAM_CHANGED, "new": PARAM_NOT_LOCKED, "deleted": PARAM_DELETED}
+        return [Drift(stage, kinds.get(s, f"param {s}"), key) for key, s in state.items()]
+    if _norm(path) not in locked_deps:
+        # A dependency added to dvc.yaml has no recorded hash: status calls it "modified", or
+        # "deleted" when it is an upstream output absent from this clone. Either way it is new.
+        return [Drift(stage, DEP_NOT_LOCKED, path)]
+    if state == "deleted":
+        if any(_overlaps(_norm(path), out) for out in all_outs):
+            return []
+        return [Drift(stage, DEP_DELETED, path)]
+    if state == "modified":
+        return [Drift(stage, DEP_MODIFIED, path)]
+    return [Drift(stage, f"dependency {state}", path)]
+
+
+def _out_drift(stage: str, path: str, state: str, locked_outs: set[str]) -> list[Drift]:
+    if _norm(path) not in locked_outs:
+        # An output added to dvc.yaml: absent, it shows as "deleted" just like a recorded one.
+        return [Drift(stage, OUT_NOT_LOCKED, path)]
+    if state in ABSENT:
+        return []
+    if state == "modified":
+        return [Drift(stage, OUT_MODIFIED, path)]
+    return [Drift(stage, f"output {state}", path)]
+
+
+def absent_outputs(status: dict[str, Any]) -> list[str]:
+    """Outputs that `dvc status` reports only as not here: what this check cannot verify."""
+    paths = {
+        _norm(path)
+        for entries in status.values()
+        for path, state in _status_outs(entries).items()
+        if state in ABSENT
+    }
+    return sorted(paths)
+
+
+def _dvc_executable() -> str | None:
+    # Prefer the dvc of this interpreter's venv: CI may not have the venv's bin/ on PATH.
+    beside = Path(sys.executable).parent / "dvc"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("dvc")
+
+
+class DvcFailed(Exception):
+    """dvc itself could not report a status (not a repo, invalid YAML, dvc missing)."""
+
+
+def dvc_status(repo: Path) -> dict[str, Any]:
+    """Run `dvc status --json` in `repo` and return its parsed stdout."""
+    dvc = _dvc_executable()
+    if dvc is None:
+        raise DvcFailed("dvc not found next to the Python interpreter or on PATH")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run(
+        [dvc, "status", "--json"], cwd=repo, env=env, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        message = proc.stderr.strip().removeprefix("ERROR: ") or proc.stdout.strip()
+        raise DvcFailed(f"`dvc status` exited {proc.returncode}: {message}")
+    # Warnings (e.g. about frozen stages) go to stderr; stdout holds only the JSON.
+    try:
+        status = json.loads(proc.stdout or "{}")
+    except json.JSONDecodeError as err:
+        raise DvcFailed(f"`dvc status --json` printed something that is not JSON: {err}") from err
+    if not isinstance(status, dict):
+        raise DvcFailed(f"`dvc status --json` printed a {type(status).__name__}, not an object")
+    return status
+
+
+def read_lock(repo: Path) -> dict[str, Any]:
+    """The parsed dvc.lock of `repo`, or {} when there is none (nothing has been run)."""
+    path = repo / "dvc.lock"
+    if not path.exists():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pcam.lockcheck",
+        description="Check that dvc.lock is current; works on a clone with no data or cache.",
+    )
+    parser.add_argument(
+        "--repo", type=Path, default=Path("."), help="root of the DVC repo (default: cwd)"
+    )
+    args = parser.parse_args(argv)
+
+    if not args.repo.is_dir():
+        print(f"error: --repo {args.repo} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        status = dvc_status(args.repo)
+    except DvcFailed as err:
+        print(f"error: in {args.repo}: {err}", file=sys.stderr)
+        return 2
+    lock = read_lock(args.repo)
+
+    drift = find_drift(status, lock)
+    if drift:
+        for problem in drift:
+            print(problem)
+        print(STALE_HINT)
+        return 1
+    n_stages = len(lock.get("stages") or {})
+    n_absent = len(absent_outputs(status))
+    print(f"dvc.lock is current ({n_stages} stages; {n_absent} outputs absent, not checked)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Classification metrics (scikit-learn wherever it has them), threshold choice and bootstrap CIs."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn import metrics as skm
+
+# Probabilities are clipped before NLL so a confident mistake costs a lot but not infinity.
+_EPS = 1e-7
+
+
+def choose_threshold(y: np.ndarray, prob: np.ndarray, rule: str | float) -> float:
+    """Decision threshold from the *validation* split: never call this with test data.
+
+    Rules: f2/f1 (maximise F-beta), youden (maximise sensitivity + specificity - 1),
+    sensitivity@s (the highest threshold whose sensitivity is >= s), or a fixed number.
+    """
+    if isinstance(rule, float):
+        return rule
+    if rule in ("f1", "f2"):
+        beta = 1.0 if rule == "f1" else 2.0
+        precision, recall, thresholds = skm.precision_recall_curve(y, prob)
+        # The last precision/recall pair has no threshold (recall 0 by convention); drop it.
+        p, r = precision[:-1], recall[:-1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            f = np.where(p + r > 0, (1 + beta**2) * p * r / (beta**2 * p + r), 0.0)
+        return float(thresholds[int(np.argmax(f))])
+    fpr, tpr, thresholds = skm.roc_curve(y, prob, drop_intermediate=False)
+    finite = np.isfinite(thresholds)  # roc_curve prepends +inf as "predict nothing positive"
+    fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
+    if rule == "youden":
+        return float(thresholds[int(np.argmax(tpr - fpr))])
+    if rule.startswith("sensitivity@"):
+        target = float(rule.split("@", 1)[1])
+        ok = np.nonzero(tpr >= target)[0]  # thresholds decrease, so the first hit is the highest
+        return float(thresholds[ok[0]])
+    raise ValueError(f"unknown threshold rule {rule!r}")
+
+
+def expected_calibration_error(y: np.ndarray, prob: np.ndarray, n_bins: int = 15) -> float:
+    """ECE with equal-width bins: sum over bins of |accuracy - confidence| weighted by bin size.
+
+    scikit-learn's calibration_curve gives the per-bin points but not the bin weights, hence this.
+    """
+    bins = np.minimum((prob * n_bins).astype(int), n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins)
+    pos = np.bincount(bins, weights=y, minlength=n_bins)
+    conf = np.bincount(bins, weights=prob, minlength=n_bins)
+    nz = counts > 0
+    return float(np.sum(np.abs(pos[nz] - conf[nz])) / len(y))
+
+
+def classification_metrics(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, float]:
+    """All point metrics at `threshold`. Ranking metrics need both classes present."""
+    y = np.asarray(y).astype(int)
+    pred = (prob >= threshold).astype(int)
+    both = len(np.unique(y)) == 2
+    out = {
+        "n": int(len(y)),
+        "prevalence": float(y.mean()) if len(y) else float("nan"),
+        "accuracy": skm.accuracy_score(y, pred),
+        "sensitivity": skm.recall_score(y, pred, pos_label=1, zero_division=0.0),
+        "specificity": skm.recall_score(y, pred, pos_label=0, zero_division=0.0),
+        "precision": skm.precision_score(y, pred, zero_division=0.0),
+        "f1": skm.f1_score(y, pred, zero_division=0.0),
+        "f2": skm.fbeta_score(y, pred, beta=2.0, zero_division=0.0),
+        "brier": skm.brier_score_loss(y, prob, labels=[0, 1]),
+        "nll": skm.log_loss(y, np.clip(prob, _EPS, 1 - _EPS), labels=[0, 1]),
+        "ece": expected_calibration_error(y, prob),
+    }
+    if both:
+        out["roc_auc"] = skm.roc_auc_score(y, prob)
+        out["pr_auc"] = skm.average_precision_score(y, prob)
+        out["balanced_accuracy"] = skm.balanced_accuracy_score(y, pred)
+    return {k: float(v) if not isinstance(v, int) else v for k, v in out.items()}
+
+
+CI_METRICS = ("roc_auc", "f2", "sensitivity", "specificity")
+
+
+def bootstrap_ci(
+    y: np.ndarray,
+    prob: np.ndarray,
+    threshold: float,
+    resamples: int,
+    seed: int,
+    names: tuple[str, ...] = CI_METRICS,
+) -> dict[str, dict[str, float]]:
+    """95% percentile-bootstrap intervals, resampling patches with replacement (seeded).
+
+    Resamples with a single class cannot score ROC-AUC and are skipped for it.
+    """
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y).astype(int)
+    pred = prob >= threshold
+    samples: dict[str, list[float]] = {k: [] for k in names}
+    n = len(y)
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        yb, pb, predb = y[idx], prob[idx], pred[idx]
+        pos, neg = yb == 1, yb == 0
+        tp = np.sum(predb & pos)
+        fp = np.sum(predb & neg)
+        fn = np.sum(~predb & pos)
+        tn = np.sum(~predb & neg)
+        # Counting is done by hand only because calling sklearn 1000x per metric is slow; the
+        # point estimates (classification_metrics) come from sklearn and tests compare the two.
+        values = {
+            "sensitivity": tp / (tp + fn) if tp + fn else np.nan,
+            "specificity": tn / (tn + fp) if tn + fp else np.nan,
+            "f2": 5 * tp / (5 * tp + 4 * fn + fp) if tp + fn + fp else 0.0,
+        }
+        if "roc_auc" in names and pos.any() and neg.any():
+            values["roc_auc"] = skm.roc_auc_score(yb, pb)
+        for k in names:
+            v = values.get(k, np.nan)
+            if np.isfinite(v):
+                samples[k].append(float(v))
+    out = {}
+    for k, vals in samples.items():
+        if len(vals) >= 2:
+            lo, hi = np.percentile(vals, [2.5, 97.5])
+            out[k] = {"ci_low": float(lo), "ci_high": float(hi)}
+    return out
+
+
+def fbeta_at(y: np.ndarray, prob: np.ndarray, threshold: float, beta: float) -> float:
+    return float(skm.fbeta_score(y, prob >= threshold, beta=beta, zero_division=0.0))

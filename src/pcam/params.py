@@ -1,0 +1,253 @@
+"""Strict, typed parameters: params.yaml is the only configuration.
+
+`load_params("params.yaml")` returns a frozen `Params`. Every key must be known, present and of the
+right type and range; otherwise a ParamsError names the key, the value and the file (and, for a
+typo, the closest valid key). The dataclasses carry no defaults on purpose: a value that
+params.yaml lacks cannot silently come from code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pcam.errors import PcamError
+
+
+class ParamsError(PcamError):
+    pass
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Any:
+    """Field with an allowed range, checked at load time: `lo <= v <= hi` (`lo < v` if lo_open)."""
+    return field(metadata={"lo": lo, "hi": hi, "lo_open": lo_open})
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    seed: int = _range(0)
+    n_train: int = _range(2)
+    n_valid: int = _range(2)
+    n_test: int = _range(2)
+    slides_train: int = _range(1)
+    slides_valid: int = _range(1)
+    slides_test: int = _range(1)
+    hard_negative_fraction: float = _range(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class PcamSourceParams:
+    base_url: str
+    timeout_s: float = _range(0.0, lo_open=True)
+    retries: int = _range(0)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["synthetic", "pcam"]
+    synthetic: SyntheticParams
+    pcam: PcamSourceParams
+
+
+@dataclass(frozen=True)
+class StatsParams:
+    chunk_rows: int = _range(1)  # rows read per HDF5 slice: bounds memory whatever the split size
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    seed: int = _range(0)
+    model: Literal["mlp", "cnn"]
+    width: int = _range(1)  # cnn: channels of the first conv block (doubles per block)
+    hidden_units: int = _range(1)  # mlp: size of the hidden layer
+    epochs: int = _range(1)
+    batch_size: int = _range(1)
+    lr: float = _range(0.0, lo_open=True)
+    weight_decay: float = _range(0.0)
+    threads: int = _range(1)  # torch intra-op threads; fixed so runs are comparable and recorded
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    # "f2", "f1", "youden", "sensitivity@0.95" or a fixed probability in [0, 1]
+    threshold: str | float
+    batch_size: int = _range(1)
+
+
+@dataclass(frozen=True)
+class SliceParams:
+    dark_fraction: float = _range(0.0, 1.0, lo_open=True)
+    max_f2_gap: float = _range(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class BenchmarkParams:
+    batch_sizes: tuple[int, ...]
+    warmup: int = _range(0)
+    repeats: int = _range(1)
+    threads: int = _range(1)
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    stats: StatsParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    slice: SliceParams
+    benchmark: BenchmarkParams
+
+
+THRESHOLD_RULES = ("f2", "f1", "youden")
+_SENSITIVITY_RULE = re.compile(r"^sensitivity@(0(\.\d+)?|1(\.0+)?)$")
+
+
+def _check_threshold(value: str | float) -> str | None:
+    """Return an error message for an invalid evaluate.threshold, else None."""
+    if isinstance(value, float):
+        return None if 0.0 <= value <= 1.0 else "must be within [0, 1]"
+    if value in THRESHOLD_RULES or _SENSITIVITY_RULE.match(value):
+        return None
+    return f"must be one of {', '.join(THRESHOLD_RULES)}, sensitivity@<0..1> or a number in [0, 1]"
+
+
+# Extra checks that do not fit a type + range, by dotted key.
+_CUSTOM_CHECKS = {"evaluate.threshold": _check_threshold}
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float (YAML 1.1 wants `1.0e-4`; people write `1e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        return yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 (SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    """Load and validate params.yaml into frozen dataclasses (see module docstring)."""
+    raw = read_yaml(path)
+    return _build(Params, raw, "", Path(path))
+
+
+def _build(cls: type, raw: Any, prefix: str, path: Path) -> Any:
+    where = prefix.rstrip(".") or "<top level>"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: {where} must be a mapping, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {names}"
+            raise ParamsError(f"{path}: unknown key '{prefix}{key}'{hint}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if f.name not in raw:
+            raise ParamsError(f"{path}: missing key '{key}'")
+        values[f.name] = _convert(hints[f.name], raw[f.name], key, path)
+        _check_range(f, values[f.name], key, path)
+        check = _CUSTOM_CHECKS.get(key)
+        if check and (msg := check(values[f.name])):
+            raise ParamsError(f"{path}: {key} = {_show(raw[f.name])} {msg}")
+    return cls(**values)
+
+
+def _convert(tp: Any, value: Any, key: str, path: Path) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", path)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ParamsError(
+                f"{path}: {key} = {_show(value)} is not one of {list(choices)}{hint}"
+            )
+        return value
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list) or not value:
+            raise ParamsError(f"{path}: {key} = {_show(value)} must be a non-empty list")
+        return tuple(_convert(item_tp, v, f"{key}[{i}]", path) for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):  # first type that accepts the value wins
+            try:
+                return _convert(option, value, key, path)
+            except ParamsError:
+                continue
+        raise ParamsError(f"{path}: {key} = {_show(value)} must be one of {tp}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{path}: {key} = {_show(value)} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{path}: {key} = {_show(value)} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ParamsError(f"{path}: {key} = {_show(value)} must be a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            raise ParamsError(f"{path}: {key} = {_show(value)} must be a non-empty string")
+        return value
+    raise TypeError(f"params.py cannot handle type {tp} of {key}")  # a bug in this module
+
+
+def _check_range(f: dataclasses.Field, value: Any, key: str, path: Path) -> None:
+    lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
+    if lo is not None and (value <= lo if f.metadata.get("lo_open") else value < lo):
+        op = ">" if f.metadata.get("lo_open") else ">="
+        raise ParamsError(f"{path}: {key} = {value} out of range: must be {op} {lo}")
+    if hi is not None and value > hi:
+        raise ParamsError(f"{path}: {key} = {value} out of range: must be <= {hi}")
+
+
+def _show(value: Any) -> str:
+    return repr(value) if not isinstance(value, dict | list) else type(value).__name__
+
+
+def to_dict(params: Any) -> dict:
+    """Plain nested dict (tuples as lists) for provenance records and checkpoints."""
+    return _plain(dataclasses.asdict(params))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,64 @@
+"""Static figures (matplotlib, no display) for people reading the repo without DVC."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on cluster nodes or CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pcam.fileio import write_bytes  # noqa: E402
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Save a PNG atomically with fixed metadata, so identical figures give identical bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
+
+
+def curve_png(
+    path: str | os.PathLike,
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    diagonal: bool = False,
+) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for label, (x, y) in curves.items():
+        ax.plot(x, y, label=label)
+    if diagonal:
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower right")
+    save_figure(fig, path)
+
+
+def patch_grid(
+    path: str | os.PathLike,
+    patches: np.ndarray,
+    captions: Sequence[str],
+    title: str,
+    cols: int = 8,
+) -> None:
+    """A grid of uint8 RGB patches, each with a caption (index, label, probability...)."""
+    n = len(patches)
+    rows = max(1, (n + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.6 + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, patch, caption in zip(axes.flat, patches, captions):
+        ax.imshow(patch)
+        ax.set_title(caption, fontsize=6)
+    if n == 0:
+        axes[0, 0].text(0, 0.5, "nothing flagged", fontsize=10)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -1,0 +1,41 @@
+"""prepare stage: write the PCAM files into data/raw from the source chosen by data.source.
+
+Run by DVC (`dvc repro prepare`) from the repository root. `synthetic` generates the embedded
+default dataset; `pcam` downloads the official files from Zenodo (resumable, md5-checked).
+"""
+
+from pathlib import Path
+
+from pcam import h5io
+from pcam.download import download_pcam
+from pcam.errors import exit_on_user_error
+from pcam.params import load_params
+from pcam.synthetic import generate_split, slide_ids_for
+
+RAW_DIR = Path("data/raw")
+# Downloads resume from here; outside data/raw because DVC deletes a stage's outputs before a run.
+DOWNLOAD_CACHE = Path(".cache/pcam")
+
+
+@exit_on_user_error
+def main() -> None:
+    p = load_params().data
+    if p.source == "pcam":
+        download_pcam(
+            RAW_DIR, p.pcam.base_url, cache_dir=DOWNLOAD_CACHE,
+            timeout_s=p.pcam.timeout_s, retries=p.pcam.retries,
+        )
+        return
+    s = p.synthetic
+    sizes = {"train": s.n_train, "valid": s.n_valid, "test": s.n_test}
+    slides = {"train": s.slides_train, "valid": s.slides_valid, "test": s.slides_test}
+    for i, split in enumerate(h5io.SPLITS):
+        data = generate_split(
+            sizes[split], slide_ids_for(split, slides[split]), s.seed + i, s.hard_negative_fraction
+        )
+        h5io.write_split(RAW_DIR, split, data.x, data.y, data.meta)
+        print(f"prepare: {split}: {len(data.y)} patches, {int(data.y.sum())} positive")
+
+
+if __name__ == "__main__":
+    main()

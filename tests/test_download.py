@@ -1,0 +1,291 @@
+"""download_pcam against a local HTTP server that serves tiny PCAM-format files (never Zenodo)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import re
+import shutil
+import socket
+import threading
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pcam import download
+from pcam.download import download_pcam
+from pcam.errors import PcamError
+from pcam.h5io import SPLITS, Meta, meta_name, open_dataset, write_split, x_name, y_name
+
+N_PATCHES = 8
+CUT_BYTES = 50_000  # where a cut-short response stops; the x .gz files are ~220 kB
+# A runaway client loop (e.g. a retry bug) gets 503s after this many requests instead of spinning.
+MAX_REQUESTS = 60
+TRAIN_X_GZ = x_name("train") + ".gz"
+FINAL_NAMES = sorted(f(s) for s in SPLITS for f in (x_name, y_name, meta_name))
+
+
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves files from server.root; honours `Range: bytes=N-` unless server.ignore_range.
+
+    server.cut_after[name] = K makes the next response for `name` stop after K body bytes while
+    announcing the full length (a dropped connection); server.fail_503[name] = n answers 503 to
+    the next n requests for `name`.
+    """
+
+    def do_GET(self) -> None:
+        srv = self.server
+        name = urllib.parse.urlsplit(self.path).path.rsplit("/", 1)[-1]
+        range_header = self.headers.get("Range")
+        with srv.lock:
+            srv.requests.append((name, range_header))
+            too_many = len(srv.requests) > MAX_REQUESTS
+            fail = srv.fail_503.get(name, 0) > 0
+            if fail:
+                srv.fail_503[name] -= 1
+            cut = srv.cut_after.pop(name, None)
+        if too_many or fail:
+            self.send_error(503)
+            return
+        path = srv.root / name
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        match = re.fullmatch(r"bytes=(\d+)-", range_header or "")
+        start = 0
+        if match and not srv.ignore_range:
+            start = int(match.group(1))
+            if start >= len(data):
+                self.send_error(416)
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        # HTTP/1.0: the connection closes when we return, so a cut body ends the transfer early.
+        self.wfile.write(body if cut is None else body[:cut])
+
+    def log_message(self, format, *args) -> None:  # keep test output quiet
+        pass
+
+
+@dataclass
+class Served:
+    url: str
+    root: Path  # what the server serves (gzipped x/y, plain CSVs)
+    orig: Path  # the uncompressed originals the download must reproduce
+    md5: dict[str, str]
+    server: http.server.ThreadingHTTPServer
+
+    def requests_for(self, name: str) -> list[str | None]:
+        return [rng for n, rng in self.server.requests if n == name]
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _write_tiny_pcam(orig: Path, root: Path) -> dict[str, str]:
+    """Write real-format PCAM files to `orig`, the Zenodo layout of them to `root`; return md5s."""
+    for i, split in enumerate(SPLITS):
+        rng = np.random.default_rng(i)
+        y = rng.integers(0, 2, N_PATCHES).astype(np.uint8)
+        meta = Meta(
+            coord_y=rng.integers(0, 10_000, N_PATCHES),
+            coord_x=rng.integers(0, 10_000, N_PATCHES),
+            tumor_patch=y.astype(bool),
+            center_tumor_patch=y.astype(bool),
+            wsi=np.array([f"{split}_slide_{j % 3}" for j in range(N_PATCHES)]),
+        )
+        x = rng.integers(0, 256, (N_PATCHES, 96, 96, 3), dtype=np.uint8)
+        write_split(orig, split, x, y, meta, compression=None)
+        for name in (x_name(split), y_name(split)):
+            (root / (name + ".gz")).write_bytes(gzip.compress((orig / name).read_bytes(), mtime=0))
+        shutil.copyfile(orig / meta_name(split), root / meta_name(split))
+    return {p.name: _md5(p) for p in root.glob("*.gz")}
+
+
+@pytest.fixture(autouse=True)
+def _no_backoff(monkeypatch):
+    monkeypatch.setattr(download, "RETRY_BACKOFF_S", 0.0)
+
+
+@pytest.fixture
+def served(tmp_path):
+    root, orig = tmp_path / "served", tmp_path / "orig"
+    root.mkdir()
+    md5 = _write_tiny_pcam(orig, root)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    server.root, server.requests, server.lock = root, [], threading.Lock()
+    server.ignore_range, server.cut_after, server.fail_503 = False, {}, {}
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield Served(f"http://127.0.0.1:{server.server_port}/files", root, orig, md5, server)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def _fetch(served: Served, dest: Path, **kw) -> list[Path]:
+    kw.setdefault("md5", served.md5)
+    kw.setdefault("cache_dir", dest.parent / "cache")
+    kw.setdefault("progress", False)
+    return download_pcam(dest, served.url, timeout_s=5.0, **kw)
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def _assert_matches_originals(served: Served, dest: Path) -> None:
+    assert _files(dest) == FINAL_NAMES
+    for name in FINAL_NAMES:
+        assert (dest / name).read_bytes() == (served.orig / name).read_bytes(), name
+    f, ds = open_dataset(dest / x_name("train"), "x")
+    with f:
+        assert ds.shape == (N_PATCHES, 96, 96, 3)
+
+
+def test_happy_path_default_cache(served, tmp_path):
+    dest = tmp_path / "raw"
+    paths = download_pcam(dest, served.url, md5=served.md5, timeout_s=5.0, progress=True)
+    assert sorted(p.name for p in paths) == FINAL_NAMES
+    assert all(p.parent == dest for p in paths)
+    assert _files(dest) == sorted([".download", *FINAL_NAMES])
+    (dest / ".download").rename(tmp_path / "cache")  # compare dest without the cache in it
+    _assert_matches_originals(served, dest)
+    assert len(served.server.requests) == 9
+    assert all(rng is None for _, rng in served.server.requests)
+
+
+def test_resume_after_cut_short_transfer(served, tmp_path):
+    served.server.cut_after[TRAIN_X_GZ] = CUT_BYTES
+    _fetch(served, tmp_path / "raw")
+    assert served.requests_for(TRAIN_X_GZ) == [None, f"bytes={CUT_BYTES}-"]
+    _assert_matches_originals(served, tmp_path / "raw")
+
+
+def test_resume_partial_file_from_earlier_run(served, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / (TRAIN_X_GZ + ".part")).write_bytes((served.root / TRAIN_X_GZ).read_bytes()[:1234])
+    _fetch(served, tmp_path / "raw")
+    assert served.requests_for(TRAIN_X_GZ) == ["bytes=1234-"]
+    _assert_matches_originals(served, tmp_path / "raw")
+
+
+def test_server_ignoring_range_restarts_from_zero(served, tmp_path):
+    served.server.ignore_range = True
+    served.server.cut_after[TRAIN_X_GZ] = CUT_BYTES
+    _fetch(served, tmp_path / "raw")
+    # The resume was asked for, answered with the whole file (200), and not appended to the part.
+    assert served.requests_for(TRAIN_X_GZ) == [None, f"bytes={CUT_BYTES}-"]
+    _assert_matches_originals(served, tmp_path / "raw")
+
+
+def test_md5_mismatch_leaves_dest_empty(served, tmp_path):
+    name = y_name("test") + ".gz"  # the last .gz: everything before it downloaded fine
+    md5 = {**served.md5, name: "0" * 32}
+    with pytest.raises(PcamError, match=rf"{name}.*expected 0{{32}}, got {served.md5[name]}"):
+        _fetch(served, tmp_path / "raw", md5=md5)
+    assert _files(tmp_path / "raw") == []
+    assert not (tmp_path / "cache" / name).exists()
+    assert not (tmp_path / "cache" / (name + ".part")).exists()
+
+
+@pytest.mark.parametrize("kind", ["bad_crc", "not_hdf5", "wrong_dataset"])
+def test_corrupt_gzip_or_content_leaves_dest_empty(served, tmp_path, kind):
+    name = y_name("valid") + ".gz"
+    gz = served.root / name
+    if kind == "bad_crc":
+        data = bytearray(gz.read_bytes())
+        data[-8] ^= 0xFF  # the stored CRC32 no longer matches the content
+        gz.write_bytes(bytes(data))
+    elif kind == "not_hdf5":
+        gz.write_bytes(gzip.compress(b"this is not HDF5" * 100))
+    else:  # a valid HDF5 file, but it holds "x" where the y file must hold "y"
+        gz.write_bytes(gzip.compress((served.orig / x_name("valid")).read_bytes()))
+    md5 = {**served.md5, name: _md5(gz)}  # the checksum passes: only unpacking can tell
+    message = {"bad_crc": "corrupt gzip", "not_hdf5": "not a readable HDF5", "wrong_dataset": "'y'"}
+    with pytest.raises(PcamError, match=rf"{name}.*{message[kind]}"):
+        _fetch(served, tmp_path / "raw", md5=md5)
+    assert _files(tmp_path / "raw") == []
+    assert not (tmp_path / "cache" / name).exists()  # the next run fetches it afresh
+
+
+def test_bad_meta_csv_is_an_error(served, tmp_path):
+    (served.root / meta_name("test")).write_text("a,b\n1,2\n")
+    with pytest.raises(PcamError, match=rf"{meta_name('test')}.*columns"):
+        _fetch(served, tmp_path / "raw")
+    assert _files(tmp_path / "raw") == []
+
+
+def test_404_names_url_without_retrying(served, tmp_path):
+    (served.root / TRAIN_X_GZ).unlink()
+    with pytest.raises(PcamError, match=rf"{re.escape(served.url)}/{TRAIN_X_GZ}: HTTP 404"):
+        _fetch(served, tmp_path / "raw")
+    assert len(served.requests_for(TRAIN_X_GZ)) == 1
+    assert _files(tmp_path / "raw") == []
+
+
+def test_5xx_is_retried(served, tmp_path):
+    served.server.fail_503[TRAIN_X_GZ] = 2
+    _fetch(served, tmp_path / "raw", retries=2)
+    assert len(served.requests_for(TRAIN_X_GZ)) == 3
+    _assert_matches_originals(served, tmp_path / "raw")
+
+
+def test_persistent_5xx_gives_up_after_retries(served, tmp_path):
+    served.server.fail_503[TRAIN_X_GZ] = 10
+    with pytest.raises(PcamError, match=r"failed after 3 attempts \(HTTP 503"):
+        _fetch(served, tmp_path / "raw", retries=2)
+    assert len(served.requests_for(TRAIN_X_GZ)) == 3
+
+
+def test_connection_refused_is_an_error(tmp_path):
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(PcamError, match=rf"127.0.0.1:{port}/files/{TRAIN_X_GZ}: download failed"):
+        download_pcam(
+            tmp_path / "raw",
+            f"http://127.0.0.1:{port}/files",
+            retries=1,
+            cache_dir=tmp_path / "cache",
+            timeout_s=5.0,
+            progress=False,
+        )
+
+
+def test_failed_run_keeps_existing_files(served, tmp_path):
+    dest = tmp_path / "raw"
+    _fetch(served, dest, cache_dir=tmp_path / "first_cache")
+    before = {name: (dest / name).read_bytes() for name in FINAL_NAMES}
+    name = x_name("valid") + ".gz"
+    with pytest.raises(PcamError, match="md5 mismatch"):
+        _fetch(served, dest, md5={**served.md5, name: "f" * 32})
+    assert {name: (dest / name).read_bytes() for name in FINAL_NAMES} == before
+    assert _files(dest) == FINAL_NAMES  # no temporaries left behind either
+
+
+def test_cached_downloads_are_not_fetched_again(served, tmp_path):
+    _fetch(served, tmp_path / "raw")
+    assert len(served.server.requests) == 9
+    _fetch(served, tmp_path / "raw2")
+    assert len(served.server.requests) == 9
+    _assert_matches_originals(served, tmp_path / "raw2")
+    # A cached file that no longer matches its md5 is fetched again; the others are not.
+    (tmp_path / "cache" / TRAIN_X_GZ).write_bytes(b"garbage")
+    _fetch(served, tmp_path / "raw3")
+    assert len(served.server.requests) == 10
+    _assert_matches_originals(served, tmp_path / "raw3")
