@@ -26,13 +26,18 @@ def main() -> None:
     device = torch.device("cpu")
     rows = [time_inference(model, bs, p.warmup, p.repeats, device) for bs in p.batch_sizes]
     for r in rows:
-        print(f"benchmark: batch {r['batch_size']:4d}: {r['images_per_s']:8.0f} img/s, "
-              f"p50 {r['latency_ms_p50']:.2f} ms")
-    write_json(METRICS, {
-        "best_inference_images_per_s": max(r["images_per_s"] for r in rows),
-        "inference": {f"cpu_fp32_bs{r['batch_size']}": r for r in rows},
-        "machine": device_info(device) | {"versions": library_versions()},
-    })
+        print(
+            f"benchmark: batch {r['batch_size']:4d}: {r['images_per_s']:8.0f} img/s, "
+            f"p50 {r['latency_ms_p50']:.2f} ms"
+        )
+    write_json(
+        METRICS,
+        {
+            "best_inference_images_per_s": max(r["images_per_s"] for r in rows),
+            "inference": {f"cpu_fp32_bs{r['batch_size']}": r for r in rows},
+            "machine": device_info(device) | {"versions": library_versions()},
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ def main() -> None:
     x_path, _, _ = h5io.split_files(RAW_DIR, "train")
     stats = channel_stats(x_path, load_excluded(EXCLUSIONS, "train"), p.chunk_rows)
     write_json(STATS, stats)
-    print(f"compute-stats: mean {stats['mean']} std {stats['std']} over {stats['n_patches']} patches")
+    print(
+        f"compute-stats: mean {stats['mean']} std {stats['std']} over {stats['n_patches']} patches"
+    )
 
 
 if __name__ == "__main__":

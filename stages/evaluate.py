@@ -8,6 +8,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.metrics import roc_curve
 
 from pcam.checkpoint import load_checkpoint, load_model
@@ -18,8 +19,6 @@ from pcam.inference import predict_logits, sigmoid
 from pcam.metrics import choose_threshold, classification_metrics
 from pcam.params import load_params
 from pcam.plots import curve_png
-
-import torch
 
 RAW_DIR = Path("data/raw")
 MODEL = Path("models/model.pt")
@@ -39,7 +38,9 @@ def roc_csv(path: Path, y: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np
     # roc_curve starts at threshold +inf; written as JSON/CSV "inf" it breaks DVC's Vega rendering.
     thr = np.where(np.isfinite(thr), thr, 1.0)
     with atomic_path(path) as tmp:
-        lines = ["fpr,tpr,threshold"] + [f"{a:.6f},{b:.6f},{c:.6f}" for a, b, c in zip(fpr, tpr, thr)]
+        lines = ["fpr,tpr,threshold"] + [
+            f"{a:.6f},{b:.6f},{c:.6f}" for a, b, c in zip(fpr, tpr, thr, strict=True)
+        ]
         tmp.write_text("\n".join(lines) + "\n")
     return fpr, tpr
 
@@ -65,13 +66,18 @@ def main() -> None:
         write_predictions(PREDICTIONS / f"{split}.npz", index, prob, y)
         curves[split] = roc_csv(PLOTS / f"roc_{split}.csv", y, prob)
     model_md5 = hashlib.md5(MODEL.read_bytes()).hexdigest()
-    write_json(THRESHOLD, {"threshold": threshold, "rule": str(p.threshold), "model_md5": model_md5})
-    curve_png(PLOTS / "roc.png", curves, "false positive rate", "true positive rate", "ROC",
-              diagonal=True)
+    write_json(
+        THRESHOLD, {"threshold": threshold, "rule": str(p.threshold), "model_md5": model_md5}
+    )
+    curve_png(
+        PLOTS / "roc.png", curves, "false positive rate", "true positive rate", "ROC", diagonal=True
+    )
     write_json(METRICS, report)
     t = report["test"]
-    print(f"evaluate: threshold {threshold:.4f} ({p.threshold} on valid); test roc_auc "
-          f"{t['roc_auc']:.4f} f2 {t['f2']:.4f} accuracy {t['accuracy']:.4f}")
+    print(
+        f"evaluate: threshold {threshold:.4f} ({p.threshold} on valid); test roc_auc "
+        f"{t['roc_auc']:.4f} f2 {t['f2']:.4f} accuracy {t['accuracy']:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,11 @@ def main() -> None:
     p = load_params().data
     if p.source == "pcam":
         download_pcam(
-            RAW_DIR, p.pcam.base_url, cache_dir=DOWNLOAD_CACHE,
-            timeout_s=p.pcam.timeout_s, retries=p.pcam.retries,
+            RAW_DIR,
+            p.pcam.base_url,
+            cache_dir=DOWNLOAD_CACHE,
+            timeout_s=p.pcam.timeout_s,
+            retries=p.pcam.retries,
         )
         return
     s = p.synthetic

@@ -36,9 +36,12 @@ def main() -> None:
     warnings = []
     if dark["f2_gap"] > p.max_f2_gap:
         warnings.append(f"dark: F2 {dark['f2']:.3f} is {dark['f2_gap']:.3f} below global")
-    write_json(METRICS, {"global": {"f2": global_f2}, "slices": {"dark": dark},
-                         "warnings": warnings})
-    print(f"slice: global F2 {global_f2:.4f}; dark slice F2 {dark['f2']:.4f} (gap {dark['f2_gap']:.4f})")
+    write_json(
+        METRICS, {"global": {"f2": global_f2}, "slices": {"dark": dark}, "warnings": warnings}
+    )
+    print(
+        f"slice: global F2 {global_f2:.4f}; dark slice F2 {dark['f2']:.4f} (gap {dark['f2_gap']:.4f})"
+    )
 
 
 if __name__ == "__main__":

@@ -1,18 +1,27 @@
 """train stage: train the model chosen by train.model -> models/model.pt, metrics/train.json, dvclive/.
 
-Run by DVC (`dvc repro train`, `dvc exp run -S train.lr=1e-4`).
+Run by DVC (`dvc repro train`, `dvc exp run -S train.lr=1e-4`). On SIGTERM/SIGUSR1 (SLURM's
+warning before a time limit) it saves a checkpoint and exits 75; run again with
+PCAM_RESUME=1 (or train.resume: true) to continue where it stopped, with identical results.
 """
 
+import os
+import sys
 from pathlib import Path
 
 from dvclive import Live
-
 from pcam.data import load_split, load_stats
 from pcam.errors import exit_on_user_error
 from pcam.fileio import write_json
 from pcam.params import load_params, to_dict
 from pcam.provenance import provenance
-from pcam.training import train
+from pcam.training import (
+    EXIT_INTERRUPTED,
+    RESUME_ENV,
+    TrainingInterrupted,
+    resolve_device,
+    train,
+)
 
 RAW_DIR = Path("data/raw")
 EXCLUSIONS = Path("data/validated/exclusions.json")
@@ -29,22 +38,32 @@ def main() -> None:
     mean, std = load_stats(STATS)
     train_split = load_split(RAW_DIR, "train", EXCLUSIONS)
     valid_split = load_split(RAW_DIR, "valid")
-    prov = provenance({"data": to_dict(params.data), "train": to_dict(p)}, p.seed)
+    device = resolve_device(p.device)
+    prov = provenance({"data": to_dict(params.data), "train": to_dict(p)}, p.seed, device)
+    resuming = (p.resume or os.environ.get(RESUME_ENV) == "1") and MODEL.is_file()
     # dvcyaml=False/save_dvc_exp=False: dvc.yaml declares these files; DVCLive must not rewrite it
     # or create stray experiments when this script runs outside `dvc exp run`.
-    with Live(dir=str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False) as live:
-        history = train(p, train_split, valid_split, mean, std, MODEL, prov, live)
-    last = history[-1]
+    with Live(dir=str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False, resume=resuming) as live:
+        try:
+            prog = train(p, train_split, valid_split, mean, std, MODEL, prov, live)
+        except TrainingInterrupted as stop:
+            print(
+                f"train: stopped by {stop}; checkpoint saved to {MODEL}. Resume with "
+                f"{RESUME_ENV}=1 (or train.resume: true).",
+                file=sys.stderr,
+            )
+            sys.exit(EXIT_INTERRUPTED)
+    last = prog.history[-1]
     write_json(
         METRICS,
         {
-            "epochs": last.epoch,
-            "train_loss": last.train_loss,
-            "val_loss": last.val_loss,
-            "val_roc_auc": last.val_roc_auc,
-            "val_f2_at_0.5": last.val_f2,
+            "epochs_run": prog.epoch,
+            "stopped_early": prog.stopped_early,
+            "best_epoch": prog.best_epoch,
+            "best_val_roc_auc": prog.best_roc_auc,
+            "final": {k: last[k] for k in ("train_loss", "val_loss", "val_roc_auc", "val_f2")},
             "n_train": len(train_split),
-            "provenance": {k: prov[k] for k in ("seed", "git_commit", "versions", "device")},
+            "provenance": prov,
         },
     )
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -24,8 +26,27 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     would make identical checkpoints differ by bytes, so we save into a buffer instead.
     """
     buf = io.BytesIO()
-    torch.save({"format": FORMAT, **payload}, buf)
+    torch.save(_canonical({"format": FORMAT, **payload}), buf)
     write_bytes(path, buf.getvalue())
+
+
+def _canonical(obj):
+    """Rebuild containers with interned strings, so equal content pickles to equal bytes.
+
+    pickle writes a string it has seen before (same object) as a back-reference. A resumed run's
+    optimizer state holds strings unpickled from the checkpoint, an uninterrupted run's holds
+    literals: same values, different object identity, different bytes. Interning every string
+    and rebuilding every container makes the identity pattern depend on the values alone.
+    """
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        return {_canonical(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_canonical(v) for v in obj)
+    return obj
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -33,6 +54,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise PcamError(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive; anything else (truncated, another format) is not ours.
+        raise PcamError(f"{path}: not a readable torch checkpoint (not a zip archive; truncated?)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -42,17 +66,28 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             f"plain containers ({first[:200]})"
         ) from None
     except (RuntimeError, OSError, EOFError) as err:
-        raise PcamError(f"{path}: not a readable torch checkpoint ({str(err).splitlines()[0]})") from None
+        raise PcamError(
+            f"{path}: not a readable torch checkpoint ({str(err).splitlines()[0]})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise PcamError(f"{path}: not a pcam checkpoint (expected format {FORMAT!r})")
     return ckpt
 
 
 def load_model(ckpt: dict, path: str | os.PathLike = "checkpoint") -> nn.Module:
-    """Rebuild the architecture recorded in the checkpoint and load its weights strictly."""
+    """Rebuild the recorded architecture with the best epoch's weights (by val ROC-AUC).
+
+    A checkpoint of an interrupted run is refused: its weights are not the trained model.
+    """
+    progress = ckpt.get("progress", {})
+    if not progress.get("finished", False):
+        raise PcamError(
+            f"{path}: checkpoint of an unfinished run (stopped after {progress.get('epoch', '?')} "
+            f"epochs, step {progress.get('step', '?')}); resume it with train.resume: true or "
+            f"PCAM_RESUME=1"
+        )
     model = build_model(ckpt["model_config"])
-    state = ckpt["model_state"]
-    load_state_strict(model, state, path)
+    load_state_strict(model, progress.get("best_state") or ckpt["model_state"], path)
     return model
 
 

@@ -39,7 +39,9 @@ def read_x(path: str | os.PathLike, rows: np.ndarray | None = None) -> np.ndarra
     f, ds = h5io.open_dataset(path, "x")
     with f:
         if ds.dtype != np.uint8 or ds.shape[1:] != h5io.PATCH_SHAPE:
-            raise PcamError(f"{path}: dataset 'x' is {ds.shape} {ds.dtype}, expected (N,96,96,3) uint8")
+            raise PcamError(
+                f"{path}: dataset 'x' is {ds.shape} {ds.dtype}, expected (N,96,96,3) uint8"
+            )
         n = ds.shape[0]
         keep = np.arange(n) if rows is None else rows
         out = np.empty((len(keep),) + h5io.PATCH_SHAPE, dtype=np.uint8)
@@ -78,27 +80,42 @@ def load_split(
 
 def load_stats(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     doc = json.loads(Path(path).read_text())
-    return torch.tensor(doc["mean"], dtype=torch.float32), torch.tensor(doc["std"], dtype=torch.float32)
+    return torch.tensor(doc["mean"], dtype=torch.float32), torch.tensor(
+        doc["std"], dtype=torch.float32
+    )
 
 
-def normalise(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC batch -> float32 NCHW (channels_last in memory, which is what CPU convs like).
+def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
+    return x_uint8.to(torch.float32).div_(255.0)
 
-    mean/std are per channel on the 0..1 scale, from the train split only (compute-stats).
+
+def standardise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """float NHWC in [0, 1] -> standardised float32 NCHW, channels_last in memory.
+
+    The permute is free: NHWC storage viewed as NCHW is exactly the channels_last layout that
+    fast convolution kernels want. mean/std come from the train split only (compute-stats).
     """
-    x = x_uint8.to(torch.float32).div_(255.0)
     x = (x - mean.to(x.device)) / std.to(x.device)
     return x.permute(0, 3, 1, 2)
 
 
-def augment(x_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def normalise(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC batch -> standardised float32 NCHW (evaluation path: no augmentation)."""
+    return standardise(to_unit(x_uint8), mean, std)
+
+
+def flip_rotate(x_uint8: torch.Tensor, generator: torch.Generator, flips: bool, rot90: bool):
     """Random flips and 90-degree rotations of a uint8 NHWC batch (train only).
 
-    Tissue has no canonical orientation, so these are label-preserving. One random draw per
-    sample from `generator` keeps it reproducible.
+    Tissue has no canonical orientation, so these are label-preserving. One draw per sample from
+    `generator` (always made, even when a switch is off) keeps the random stream, and so every
+    later draw, independent of which augmentations are on.
     """
-    n = x_uint8.shape[0]
-    codes = torch.randint(0, 8, (n,), generator=generator)
+    codes = torch.randint(0, 8, (x_uint8.shape[0],), generator=generator, device=x_uint8.device)
+    if not flips:
+        codes &= 3
+    if not rot90:
+        codes &= 4
     out = x_uint8.clone()
     for code in range(1, 8):
         idx = (codes == code).nonzero().flatten()
@@ -109,3 +126,15 @@ def augment(x_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             part = part.flip(2)
         out[idx] = torch.rot90(part, k=code & 3, dims=(1, 2))
     return out
+
+
+def color_jitter(x: torch.Tensor, generator: torch.Generator, strength: float) -> torch.Tensor:
+    """Mild per-sample brightness and per-channel stain scaling of a float NHWC batch in [0, 1].
+
+    Mimics slide-to-slide stain variation. strength 0.1 scales by a factor in [0.9, 1.1].
+    """
+    n = x.shape[0]
+    u = torch.rand((n, 1, 1, 4), generator=generator, device=x.device) * 2 - 1
+    brightness = 1 + strength * u[..., :1]
+    per_channel = 1 + 0.5 * strength * u[..., 1:]
+    return (x * brightness * per_channel).clamp_(0.0, 1.0)

@@ -58,12 +58,16 @@ class Meta:
         return len(self.wsi)
 
 
-def write_h5_dataset(path: Path, name: str, data: np.ndarray, compression: str | None = None) -> None:
+def write_h5_dataset(
+    path: Path, name: str, data: np.ndarray, compression: str | None = None
+) -> None:
     """Write one dataset atomically, chunked along the first axis like the official files."""
     with atomic_path(path) as tmp:
         chunks = (min(WRITE_CHUNK_ROWS, max(1, len(data))),) + data.shape[1:]
         with h5py.File(tmp, "w") as f:
-            kw = {"compression": compression, "compression_opts": 1} if compression == "gzip" else {}
+            kw = (
+                {"compression": compression, "compression_opts": 1} if compression == "gzip" else {}
+            )
             f.create_dataset(name, data=data, chunks=chunks, **kw)
 
 
@@ -72,7 +76,12 @@ def write_meta(path: Path, meta: Meta) -> None:
         w = csv.writer(fh)
         w.writerow(META_COLUMNS)
         for row in zip(
-            meta.coord_y, meta.coord_x, meta.tumor_patch, meta.center_tumor_patch, meta.wsi
+            meta.coord_y,
+            meta.coord_x,
+            meta.tumor_patch,
+            meta.center_tumor_patch,
+            meta.wsi,
+            strict=True,
         ):
             cy, cx, tp, ctp, wsi = row
             w.writerow([int(cy), int(cx), bool(tp), bool(ctp), str(wsi)])
@@ -111,14 +120,14 @@ def read_meta(path: str | os.PathLike) -> Meta:
         else:
             skip = 0
         if tuple(header) != META_COLUMNS:
-            raise PcamError(
-                f"{path}: meta CSV columns are {header}, expected {list(META_COLUMNS)}"
-            )
+            raise PcamError(f"{path}: meta CSV columns are {header}, expected {list(META_COLUMNS)}")
         cols: list[list] = [[] for _ in META_COLUMNS]
         for lineno, row in enumerate(reader, start=2):
             row = row[skip:]
             if len(row) != len(META_COLUMNS):
-                raise PcamError(f"{path}:{lineno}: expected {len(META_COLUMNS)} fields, got {len(row)}")
+                raise PcamError(
+                    f"{path}:{lineno}: expected {len(META_COLUMNS)} fields, got {len(row)}"
+                )
             try:
                 cols[0].append(int(float(row[0])))
                 cols[1].append(int(float(row[1])))

@@ -1,4 +1,5 @@
-"""Models, chosen by train.model: `cnn` (default, fast on CPU) and `mlp` (the seeds' baseline)."""
+"""Models, chosen by train.model: `cnn` (default, fast on CPU), `resnet` (for GPU runs on real PCAM)
+and `mlp` (the seeds' baseline, for comparison)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ import torch
 from torch import nn
 
 from pcam.params import TrainParams
+
+
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    # A plain mean, not AdaptiveAvgPool2d: its CUDA backward is non-deterministic and would make
+    # torch.use_deterministic_algorithms(True) raise on GPU.
+    return x.mean(dim=(2, 3))
 
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -36,12 +43,69 @@ class SmallCNN(nn.Module):
             _conv_block(2 * w, 4 * w),
             nn.MaxPool2d(2),  # 12 -> 6
             _conv_block(4 * w, 4 * w),
-            nn.AdaptiveAvgPool2d(1),
         )
         self.head = nn.Linear(4 * w, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).flatten(1)).squeeze(1)
+        return self.head(global_avg_pool(self.features(x))).squeeze(1)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with an identity or projected shortcut, as in ResNet-18.
+
+    The projection average-pools before its 1x1 conv (ResNet-D) instead of striding the 1x1
+    conv: it keeps all the input, and the strided 1x1 conv's backward crashed oneDNN (torch
+    2.13 CPU) in our tests.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+        )
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and c_in == c_out
+            else nn.Sequential(
+                nn.AvgPool2d(stride) if stride > 1 else nn.Identity(),
+                nn.Conv2d(c_in, c_out, 1, bias=False),
+                nn.BatchNorm2d(c_out),
+            )
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A residual CNN for GPU runs on real PCAM: 4 stages of 2 blocks, widths w, 2w, 4w, 8w.
+
+    At width 64 this is ResNet-18's body with a lighter stem (no 7x7/maxpool: 96 px patches are
+    small) and about 11M parameters.
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, w, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(inplace=True),
+        )
+        stages, c_in = [], w
+        for i, c_out in enumerate((w, 2 * w, 4 * w, 8 * w)):
+            stride = 1 if i == 0 else 2
+            stages += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
+            c_in = c_out
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(c_in, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(global_avg_pool(self.stages(self.stem(x)))).squeeze(1)
 
 
 class MLP(nn.Module):
@@ -50,7 +114,9 @@ class MLP(nn.Module):
     def __init__(self, hidden_units: int):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Flatten(), nn.Linear(96 * 96 * 3, hidden_units), nn.ReLU(inplace=True),
+            nn.Flatten(),
+            nn.Linear(96 * 96 * 3, hidden_units),
+            nn.ReLU(inplace=True),
             nn.Linear(hidden_units, 1),
         )
 
@@ -72,14 +138,16 @@ def init_weights(model: nn.Module) -> None:
 
 def model_config(p: TrainParams) -> dict:
     """What defines the architecture: stored in checkpoints so inference rebuilds the same model."""
-    if p.model == "cnn":
-        return {"model": "cnn", "width": p.width}
+    if p.model in ("cnn", "resnet"):
+        return {"model": p.model, "width": p.width}
     return {"model": "mlp", "hidden_units": p.hidden_units}
 
 
 def build_model(config: dict) -> nn.Module:
     if config["model"] == "cnn":
         return SmallCNN(config["width"])
+    if config["model"] == "resnet":
+        return ResNet(config["width"])
     if config["model"] == "mlp":
         return MLP(config["hidden_units"])
     raise ValueError(f"unknown model {config['model']!r}")

@@ -57,6 +57,9 @@ class DataParams:
     source: Literal["synthetic", "pcam"]
     synthetic: SyntheticParams
     pcam: PcamSourceParams
+    # Splits larger than this (as uint8) are streamed from HDF5 in contiguous blocks instead of
+    # being held in memory.
+    memory_budget_gb: float = _range(0.0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -65,15 +68,36 @@ class StatsParams:
 
 
 @dataclass(frozen=True)
+class AugmentParams:
+    flips: bool
+    rot90: bool
+    color_jitter: float = _range(0.0, 0.5)  # 0 = off; 0.1 scales brightness by [0.9, 1.1]
+
+
+@dataclass(frozen=True)
 class TrainParams:
     seed: int = _range(0)
-    model: Literal["mlp", "cnn"]
-    width: int = _range(1)  # cnn: channels of the first conv block (doubles per block)
+    model: Literal["mlp", "cnn", "resnet"]
+    width: int = _range(1)  # cnn/resnet: channels of the first block (doubles per stage)
     hidden_units: int = _range(1)  # mlp: size of the hidden layer
     epochs: int = _range(1)
     batch_size: int = _range(1)
+    optimizer: Literal["adamw", "sgd"]
     lr: float = _range(0.0, lo_open=True)
+    momentum: float = _range(0.0, 1.0)  # sgd only
     weight_decay: float = _range(0.0)
+    scheduler: Literal["none", "plateau", "cosine", "onecycle"]
+    plateau_patience: int = _range(0)  # epochs without val-loss improvement before a decay
+    plateau_factor: float = _range(0.0, 1.0, lo_open=True)
+    grad_clip_norm: float = _range(0.0)  # 0 = off
+    early_stopping_patience: int = _range(0)  # epochs without val ROC-AUC gain; 0 = off
+    sampler: Literal["shuffle", "weighted"]
+    augment: AugmentParams
+    resume: bool  # continue from models/model.pt (or set PCAM_RESUME=1, for cluster jobs)
+    device: Literal["auto", "cpu", "cuda"]
+    precision: Literal["fp32", "bf16"]  # bf16 = autocast
+    channels_last: bool
+    compile: bool  # torch.compile the model
     threads: int = _range(1)  # torch intra-op threads; fixed so runs are comparable and recorded
 
 
@@ -165,9 +189,12 @@ def _build(cls: type, raw: Any, prefix: str, path: Path) -> Any:
         raise ParamsError(f"{path}: {where} must be a mapping, got {_show(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    missing = [n for n in names if n not in raw]
     for key in raw:
         if key not in names:
+            # A similar name first; failing that, a renamed key is usually the one that is missing.
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            close = close or (missing if len(missing) == 1 else [])
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {names}"
             raise ParamsError(f"{path}: unknown key '{prefix}{key}'{hint}")
     values = {}
@@ -192,9 +219,7 @@ def _convert(tp: Any, value: Any, key: str, path: Path) -> Any:
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ParamsError(
-                f"{path}: {key} = {_show(value)} is not one of {list(choices)}{hint}"
-            )
+            raise ParamsError(f"{path}: {key} = {_show(value)} is not one of {list(choices)}{hint}")
         return value
     if origin is tuple:
         (item_tp, _ellipsis) = typing.get_args(tp)
@@ -217,7 +242,11 @@ def _convert(tp: Any, value: Any, key: str, path: Path) -> Any:
             raise ParamsError(f"{path}: {key} = {_show(value)} must be an integer")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
             raise ParamsError(f"{path}: {key} = {_show(value)} must be a finite number")
         return float(value)
     if tp is str:

@@ -54,7 +54,7 @@ def patch_grid(
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.6 + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, patch, caption in zip(axes.flat, patches, captions):
+    for ax, patch, caption in zip(axes.flat, patches, captions, strict=False):
         ax.imshow(patch)
         ax.set_title(caption, fontsize=6)
     if n == 0:

@@ -24,7 +24,10 @@ def git_commit(repo: str | Path = ".") -> str | None:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo, capture_output=True, text=True, check=True,
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -67,7 +70,7 @@ def _cpu_model() -> str:
 
 
 def provenance(params: dict, seed: int | None, device: torch.device | str = "cpu") -> dict:
-    """The record stored in checkpoints (metrics files keep it out, see stage scripts)."""
+    """The record stored in checkpoints and metrics files: what produced them."""
     return {
         "params": params,
         "seed": seed,

@@ -45,9 +45,8 @@ _E_OD_REF = np.array([0.2159, 0.8012, 0.5581])
 _NORMAL_CELL_PX = 8
 _TUMOUR_CELL_PX = 12
 _TUMOUR_GRID = PATCH_PX // _TUMOUR_CELL_PX
-# Tumour cells whose sprite window cannot reach the centre square: rows/cols 0,1 and 6,7.
-# Hard negatives put tumour only there, which keeps them negative by construction.
-_RING_CELLS = np.array([i not in (2, 3, 4, 5) for i in range(_TUMOUR_GRID)])
+# Offsets of the two tumour lattices; the second sits half a cell down and right.
+_TUMOUR_SHIFTS_PX = (0, _TUMOUR_CELL_PX // 2)
 # Cells 3 and 4 lie inside the centre square (px 36..59), so a nucleus centred there is a
 # positive by construction.
 _CENTRE_CELLS = (3, 4)
@@ -81,11 +80,15 @@ class _Slides:
 
 @dataclass(frozen=True)
 class _SpriteBank:
-    """Nuclei pre-rendered at every integer offset inside their lattice cell."""
+    """Nuclei pre-rendered at every integer offset inside their lattice cell.
 
-    density: np.ndarray  # (shapes, cell*cell, 2*cell, 2*cell) float32 haematoxylin concentration
+    The last shape is blank: empty lattice cells gather it, so stamping needs no masking.
+    """
+
+    density_u8: np.ndarray  # (shapes+1, cell*cell, 2*cell, 2*cell) haematoxylin, quantised
     mask: np.ndarray  # same shape, bool: the nucleus's pixels (what "tumour pixels" means)
-    mean_density_per_cell_px: float  # sprite mass / cell area: mean H a fully occupied lattice adds
+    density_per_level: np.float32  # haematoxylin concentration of one uint8 step
+    mean_density_per_cell_px: float  # sprite mass / cell area: mean H a full lattice adds
 
 
 def slide_ids_for(split: str, n_slides: int) -> list[str]:
@@ -149,8 +152,10 @@ def _generate(
     tumour_mask = np.zeros((n, PATCH_PX, PATCH_PX), dtype=bool) if keep_tumour_mask else None
     for start in range(0, n, _CHUNK_PATCHES):
         rows = slice(start, min(n, start + _CHUNK_PATCHES))
-        x[rows], mask = _render_chunk(rng, slides, slide_idx[rows], y[rows] == 1, hard[rows])
-        if tumour_mask is not None:
+        x[rows], mask = _render_chunk(
+            rng, slides, slide_idx[rows], y[rows] == 1, hard[rows], keep_tumour_mask
+        )
+        if tumour_mask is not None and mask is not None:
             tumour_mask[rows] = mask
 
     # Patch positions on the slide grid (level-0 px); only need to be plausible and deterministic.
@@ -208,84 +213,137 @@ def _render_chunk(
     slide_idx: np.ndarray,
     positive: np.ndarray,
     hard: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """RGB uint8 patches and their tumour-pixel masks for one chunk."""
+    keep_tumour_mask: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """RGB uint8 patches (and optionally their tumour-pixel masks) for one chunk."""
     n = len(slide_idx)
     f32 = np.float32
     normal_bank, tumour_bank = _normal_bank(), _tumour_bank()
 
-    # Tumour: a blob of lattice cells, stamped first so normal nuclei can fill in around it.
-    region, forced = _tumour_cells(rng, positive, hard)  # (n, 8, 8) bool each
-    occupied = region & (rng.random(region.shape) < rng.uniform(0.75, 0.97, (n, 1, 1)))
-    occupied |= forced
-    t_gain = occupied * rng.uniform(0.85, 1.15, region.shape).astype(f32)
-    t_shape, t_pos = _sprite_ids(rng, tumour_bank, region.shape)
-    tumour_h = _stamp_lattice(tumour_bank.density, t_shape, t_pos, t_gain, _TUMOUR_CELL_PX)
-    tumour_mask = _stamp_lattice(tumour_bank.mask, t_shape, t_pos, occupied, _TUMOUR_CELL_PX)
-    # Soft footprint of the tumour nest: less pink stroma, purplish cytoplasm, never empty glass.
-    region_px = np.clip(1.6 * _upsample(region.astype(f32)), 0.0, 1.0)
+    # Where tissue is. Two anchor cells per patch (one central, one in the outer ring) are kept
+    # free of glass in *every* patch: tumour patches need them for their decisive nucleus, and
+    # doing it everywhere keeps the amount of glass independent of the label.
+    nests = _draw_nests(rng, positive, hard)
+    centre_cell, ring_cell = _anchor_cells(rng, nests)
+    tissue = _tissue_alpha(rng, n, (centre_cell, ring_cell))
+    tissue_mean = tissue.mean(axis=(1, 2))
 
-    tissue = np.maximum(_tissue_alpha(rng, n), region_px)
+    # Tumour nest cells on two lattices offset by half a cell, which pack tumour nuclei tighter
+    # and less grid-like than one could. The decisive nucleus sits in an anchor cell.
+    cells = [_nest_cells(rng, nests, shift_px) for shift_px in _TUMOUR_SHIFTS_PX]
+    forced = np.zeros_like(cells[0])
+    pos, hrd = np.flatnonzero(positive), np.flatnonzero(hard)
+    forced[pos, centre_cell[pos, 0], centre_cell[pos, 1]] = True
+    forced[hrd, ring_cell[hrd, 0], ring_cell[hrd, 1]] = True
+    cells[0] |= forced
+    # Soft footprint of the nest: purplish cytoplasm instead of pink stroma.
+    nest_px = np.clip(1.6 * _upsample(cells[0].astype(f32)), 0.0, 1.0) * tissue
 
-    # Normal nuclei fill whatever is left of a label-independent haematoxylin budget, so
-    # positives are not bluer or darker on average than negatives (mean colour must not
-    # reveal the label; only nucleus size and shape should).
-    h_target = rng.uniform(0.12, 0.55, n).astype(f32)
+    # Haematoxylin budget: every patch draws its mean H independently of its label; tumour
+    # takes its share first, normal nuclei fill the rest. Otherwise positives would be
+    # markedly bluer and darker, and mean colour alone would predict the label.
+    h_budget = rng.uniform(0.2, 0.7, n).astype(f32) * tissue_mean
+    h_base = (0.06 * tissue + 0.08 * nest_px).mean(axis=(1, 2))
+    h_left = np.maximum(h_budget - h_base, 0.0)
+    nest_capacity = sum(c.mean(axis=(1, 2)) for c in cells) * tumour_bank.mean_density_per_cell_px
+    p_tumour = np.clip(0.8 * h_left / np.maximum(nest_capacity, 1e-6), 0.25, 0.85)[:, None, None]
+    tumour_u8 = np.zeros((n, PATCH_PX, PATCH_PX), dtype=np.uint8)
+    tumour_mask = np.zeros((n, PATCH_PX, PATCH_PX), dtype=bool) if keep_tumour_mask else None
+    has_tumour = np.flatnonzero(positive | hard)  # stamp only where there is tumour
+    for shift_px, nest_cells in zip(_TUMOUR_SHIFTS_PX, cells, strict=True):
+        occupied = nest_cells & (rng.random(nest_cells.shape) < p_tumour)
+        if shift_px == 0:
+            occupied |= forced
+        shape_idx, offset_idx = _sprite_ids(rng, tumour_bank, occupied[has_tumour])
+        where = (shape_idx, offset_idx, _TUMOUR_CELL_PX, shift_px)
+        stamped = _stamp(tumour_bank.density_u8, *where)
+        tumour_u8[has_tumour] = np.maximum(tumour_u8[has_tumour], stamped)
+        if tumour_mask is not None:
+            tumour_mask[has_tumour] |= _stamp(tumour_bank.mask, *where)
+    if tumour_mask is not None:
+        tumour_mask &= tissue >= 0.5  # nuclei over glass fade out and no longer count
+    tumour_h = tumour_u8 * (tumour_bank.density_per_level * tissue)
     tumour_mean = tumour_h.mean(axis=(1, 2))
-    room = region_px[:, 4::_NORMAL_CELL_PX, 4::_NORMAL_CELL_PX]  # tumour footprint per cell
-    free_cells = (1.0 - room) * tissue[:, 4::_NORMAL_CELL_PX, 4::_NORMAL_CELL_PX]
-    free_fraction = np.maximum(free_cells.mean(axis=(1, 2)), 0.05)
-    p_normal = (h_target - tumour_mean) / (normal_bank.mean_density_per_cell_px * free_fraction)
-    p_normal = np.clip(p_normal, 0.03, 1.0)
-    n_occ = rng.random(room.shape) < p_normal[:, None, None] * (1.0 - 0.9 * room)
-    n_gain = n_occ * rng.uniform(0.8, 1.15, room.shape).astype(f32)
-    n_shape, n_pos = _sprite_ids(rng, normal_bank, room.shape)
-    normal_h = _stamp_lattice(normal_bank.density, n_shape, n_pos, n_gain, _NORMAL_CELL_PX)
+    # Paler (down to half strength) where even the sparsest nest would overspend the budget.
+    tumour_gain = np.clip(0.9 * h_left / np.maximum(tumour_mean, 1e-6), 0.5, 1.0)
+    tumour_gain *= rng.uniform(0.9, 1.1, n)
+    tumour_h *= tumour_gain.astype(f32)[:, None, None]
+    h_left = np.maximum(h_left - tumour_mean * tumour_gain, 0.0)
+
+    step = _NORMAL_CELL_PX
+    nest_at_cell = nest_px[:, step // 2 :: step, step // 2 :: step]
+    tissue_at_cell = tissue[:, step // 2 :: step, step // 2 :: step]
+    # A few lymphocytes infiltrate the nest, most are pushed out by it.
+    room = (1.0 - 0.9 * nest_at_cell) * tissue_at_cell
+    normal_capacity = room.mean(axis=(1, 2)) * normal_bank.mean_density_per_cell_px
+    p_normal = np.clip(h_left / np.maximum(normal_capacity, 1e-6), 0.02, 1.0)[:, None, None]
+    occupied = rng.random(room.shape) < p_normal * (1.0 - 0.9 * nest_at_cell)
+    shape_idx, offset_idx = _sprite_ids(rng, normal_bank, occupied)
+    normal_u8 = _stamp(normal_bank.density_u8, shape_idx, offset_idx, _NORMAL_CELL_PX, 0)
+    normal_h = normal_u8 * (normal_bank.density_per_level * tissue)
 
     # Stroma: two octaves of smooth noise plus directional fibres; tumour nests replace stroma.
-    fibres = _upsample_aniso(rng, n)
     texture = (
         1.0
         + 0.22 * _upsample(rng.standard_normal((n, 6, 6), dtype=f32))
         + 0.12 * _upsample(rng.standard_normal((n, 24, 24), dtype=f32))
-        + 0.18 * fibres
+        + 0.18 * _fibres(rng, n)
     )
-    eosin_level = slides.eosin_level[slide_idx] * rng.uniform(0.75, 1.25, n).astype(f32)
-    eosin = eosin_level[:, None, None] * np.clip(texture, 0.2, None) * (1.0 - 0.35 * region_px)
-    # The nest's pale-purple cytoplasm compensates the stroma it replaces, so the nest is not a
-    # large pale hole.
-    haem = tissue * (normal_h + 0.06 + 0.12 * region_px) + tumour_h
-    eosin = eosin * tissue
+    # Nests hold less eosin than stroma; the stroma around them is pinker by the same total,
+    # so a patch's mean eosin does not depend on its label either.
+    stroma = tissue * (1.0 - 0.35 * nest_px)
+    stroma_gain = tissue_mean / np.maximum(stroma.mean(axis=(1, 2)), 1e-6)
+    eosin_level = slides.eosin_level[slide_idx] * rng.uniform(0.75, 1.25, n) * stroma_gain
+    eosin = np.clip(texture, 0.2, None) * stroma * eosin_level.astype(f32)[:, None, None]
+    haem = normal_h + tumour_h + 0.06 * tissue + 0.08 * nest_px
+    # Some patches are out of focus, as in real scans; blur also keeps nucleus shape from being
+    # a pixel-perfect cue. Blurring the two stain planes is cheaper than the three RGB ones.
+    focus = rng.random(n)
+    for sigma_px, rows in ((0.9, (focus >= 0.7) & (focus < 0.9)), (1.5, focus >= 0.9)):
+        blur = _blur_matrix(sigma_px)
+        haem[rows] = _separable(haem[rows], blur, blur)
+        eosin[rows] = _separable(eosin[rows], blur, blur)
 
+    # Beer-Lambert per channel on contiguous (n, 96, 96) planes: broadcasting over a trailing
+    # RGB axis is several times slower.
     s = slide_idx
-    od = slides.strength[s, None, None, None] * (
-        haem[..., None] * slides.h_od[s, None, None, :]
-        + eosin[..., None] * slides.e_od[s, None, None, :]
-    )
-    rgb = slides.glass_rgb[s, None, None, :] * np.exp(-od)
-    # Scanner noise: mostly luminance (shared by channels), a little per channel.
-    rgb += 2.5 * rng.standard_normal((n, PATCH_PX, PATCH_PX, 1), dtype=f32)
-    rgb += 1.5 * rng.standard_normal(rgb.shape, dtype=f32)
-    rgb += 0.5  # round, not truncate
+    rgb = np.empty((n, 3, PATCH_PX, PATCH_PX), dtype=f32)
+    for ch in range(3):
+        h_coef = (slides.strength[s] * slides.h_od[s, ch])[:, None, None]
+        e_coef = (slides.strength[s] * slides.e_od[s, ch])[:, None, None]
+        plane = rgb[:, ch]
+        np.multiply(haem, -h_coef, out=plane)
+        plane -= eosin * e_coef
+        np.exp(plane, out=plane)
+        plane *= slides.glass_rgb[s, ch][:, None, None]
+    # Scanner noise from random bytes (Gaussian draws would be the slowest step here): a
+    # luminance part shared by the channels (sum of three 2-bit uniforms, sd 1.9) and a
+    # per-channel part (two 2-bit uniforms, sd 1.6).
+    lum = np.frombuffer(rng.bytes(n * PATCH_PX * PATCH_PX), dtype=np.uint8)
+    lum = lum.reshape(n, 1, PATCH_PX, PATCH_PX)
+    chan = np.frombuffer(rng.bytes(rgb.size), dtype=np.uint8).reshape(rgb.shape)
+    rgb += (lum & 3) + ((lum >> 2) & 3) + ((lum >> 4) & 3)
+    rgb += (chan & 3) + (chan >> 6)
+    rgb -= 4.5 + 3.0 - 0.5  # the noise's mean, less 0.5 so the cast below rounds
     np.clip(rgb, 0.0, 255.0, out=rgb)
-    return rgb.astype(np.uint8), tumour_mask
+    return rgb.transpose(0, 2, 3, 1).astype(np.uint8), tumour_mask
 
 
-def _tumour_cells(
-    rng: np.random.Generator, positive: np.ndarray, hard: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Tumour lattice cells per patch, and within them one cell that must hold a nucleus.
+@dataclass(frozen=True)
+class _Nests:
+    """One tumour nest per tumour patch (positive or hard negative), as a disc to wobble."""
 
-    Positives: an irregular nest over the centre, from a small cluster to a whole patch of
-    tumour; the forced cell is the central cell (3 or 4 in both axes, i.e. inside the centre
-    square) nearest the nest centre, which makes the label true by construction. Hard negatives:
-    a nest entering from one border, cut to the outer ring so it cannot reach the centre; its
-    forced cell is the ring cell holding the nest centre. Other negatives: no tumour.
-    """
+    cy: np.ndarray  # (n,) centre row, px (may lie outside the patch for hard negatives)
+    cx: np.ndarray  # (n,) centre column, px
+    radius: np.ndarray  # (n,) px
+    positive: np.ndarray  # (n,) bool
+    hard: np.ndarray  # (n,) bool
+
+
+def _draw_nests(rng: np.random.Generator, positive: np.ndarray, hard: np.ndarray) -> _Nests:
+    """Positives: a nest over the centre, from a small cluster to a whole patch of tumour.
+    Hard negatives: a small nest entering from one border."""
     n = len(positive)
-    g = _TUMOUR_GRID
-    centres = (np.arange(g) + 0.5) * _TUMOUR_CELL_PX
-
     cy = 48.0 + rng.uniform(-22.0, 22.0, n)
     cx = 48.0 + rng.uniform(-22.0, 22.0, n)
     radius = rng.uniform(14.0, 80.0, n)
@@ -297,99 +355,135 @@ def _tumour_cells(
     depth = rng.uniform(-18.0, 8.0, n)
     edge_y = np.select([side == 0, side == 1], [depth, PATCH_PX - depth], along)
     edge_x = np.select([side == 2, side == 3], [depth, PATCH_PX - depth], along)
-    cy = np.where(hard, edge_y, cy)
-    cx = np.where(hard, edge_x, cx)
-    radius = np.where(hard, rng.uniform(16.0, 36.0, n), radius)
+    return _Nests(
+        cy=np.where(hard, edge_y, cy),
+        cx=np.where(hard, edge_x, cx),
+        radius=np.where(hard, rng.uniform(16.0, 36.0, n), radius),
+        positive=positive,
+        hard=hard,
+    )
 
-    dy = centres[None, :, None] - cy[:, None, None]
-    dx = centres[None, None, :] - cx[:, None, None]
+
+def _nest_cells(rng: np.random.Generator, nests: _Nests, shift_px: int) -> np.ndarray:
+    """(n, 8, 8) bool: tumour lattice cells (lattice offset by shift_px) inside the nest.
+
+    Hard negatives keep only cells whose sprite window cannot reach the centre square, which
+    keeps them negative by construction.
+    """
+    n, g, c = len(nests.cy), _TUMOUR_GRID, _TUMOUR_CELL_PX
+    centres = (np.arange(g) + 0.5) * c + shift_px
+    dy = centres[None, :, None] - nests.cy[:, None, None]
+    dx = centres[None, None, :] - nests.cx[:, None, None]
     wobble = 1.0 + 0.3 * rng.uniform(-1.0, 1.0, (n, g, g))  # ragged, non-circular nest edges
-    region = np.hypot(dy, dx) < radius[:, None, None] * wobble
-    ring = _RING_CELLS[:, None] | _RING_CELLS[None, :]
-    region = np.where(hard[:, None, None], region & ring, region)
-    region &= (positive | hard)[:, None, None]
+    cells = np.hypot(dy, dx) < nests.radius[:, None, None] * wobble
+    cells = np.where(nests.hard[:, None, None], cells & _ring_cells(shift_px), cells)
+    return cells & (nests.positive | nests.hard)[:, None, None]
 
-    forced = np.zeros_like(region)
-    cell_y = (np.clip(cy, 0.0, PATCH_PX - 1e-3) // _TUMOUR_CELL_PX).astype(np.intp)
-    cell_x = (np.clip(cx, 0.0, PATCH_PX - 1e-3) // _TUMOUR_CELL_PX).astype(np.intp)
+
+def _ring_cells(shift_px: int) -> np.ndarray:
+    """(8, 8) bool: tumour-lattice cells whose sprite window cannot reach the centre square."""
+    c = _TUMOUR_CELL_PX
+    window_start = np.arange(_TUMOUR_GRID) * c - c // 2 + shift_px
+    outer = (window_start + 2 * c <= CENTER_START_PX) | (window_start >= CENTER_STOP_PX)
+    return outer[:, None] | outer[None, :]
+
+
+def _anchor_cells(rng: np.random.Generator, nests: _Nests) -> tuple[np.ndarray, np.ndarray]:
+    """Two (n, 2) [row, col] cells of the unshifted tumour lattice per patch.
+
+    Central anchor: cell 3 or 4 in both axes, inside the centre square; for positives the one
+    nearest the nest centre (a nucleus there makes the label true by construction). Ring anchor:
+    a cell that cannot reach the centre square; for hard negatives the one holding the nest
+    centre (8 px from the border at most, so cell 0 or 7 along that axis). Elsewhere random.
+    """
+    n = len(nests.cy)
     lo, hi = _CENTRE_CELLS
-    rows = np.arange(n)
-    pos = rows[positive]
-    forced[pos, np.clip(cell_y[pos], lo, hi), np.clip(cell_x[pos], lo, hi)] = True
-    hrd = rows[hard]
-    forced[hrd, cell_y[hrd], cell_x[hrd]] = True
-    return region | forced, forced
+    centre = rng.integers(lo, hi + 1, (n, 2))
+    ring_choices = np.argwhere(_ring_cells(0))
+    ring = ring_choices[rng.integers(0, len(ring_choices), n)]
+    nest_cell = np.stack([nests.cy, nests.cx], axis=1)
+    nest_cell = (np.clip(nest_cell, 0.0, PATCH_PX - 1e-3) // _TUMOUR_CELL_PX).astype(np.intp)
+    centre[nests.positive] = np.clip(nest_cell, lo, hi)[nests.positive]
+    ring[nests.hard] = nest_cell[nests.hard]
+    return centre, ring
 
 
-def _tissue_alpha(rng: np.random.Generator, n: int) -> np.ndarray:
+def _cell_dist2(cell: np.ndarray) -> np.ndarray:
+    """(n, 96, 96) squared px distance to the centre of one tumour-lattice cell per patch."""
+    centre_px = (cell.astype(np.float32) + 0.5) * _TUMOUR_CELL_PX
+    px = np.arange(PATCH_PX, dtype=np.float32) + 0.5
+    return (px[None, :, None] - centre_px[:, 0, None, None]) ** 2 + (
+        px[None, None, :] - centre_px[:, 1, None, None]
+    ) ** 2
+
+
+def _tissue_alpha(rng: np.random.Generator, n: int, anchors: tuple[np.ndarray, ...]) -> np.ndarray:
     """(n, 96, 96) tissue coverage in [0, 1]; 0 is empty glass.
 
     About half the patches are solid tissue, a quarter have white holes (fat cells, lumina), a
-    quarter sit on the edge of the section (a wavy boundary with glass beyond).
+    quarter sit on the edge of the section (a wavy boundary with glass beyond). Glass is pushed
+    smoothly away from the anchor cells, and tissue is guaranteed within 9 px of their centres,
+    i.e. under any nucleus centred in them.
     """
     f32 = np.float32
     kind = rng.random(n)
+    alpha = np.ones((n, PATCH_PX, PATCH_PX), dtype=f32)
+    holes, edge = np.flatnonzero((kind >= 0.5) & (kind < 0.75)), np.flatnonzero(kind >= 0.75)
+    glassy = np.concatenate([holes, edge])
+    dist2 = np.minimum.reduce([_cell_dist2(cell[glassy]) for cell in anchors])
+    keep = np.exp(dist2 / np.float32(-2.0 * 9.0**2))  # 1 at an anchor, ~0 beyond 25 px
+
     # Holes: thresholded smooth noise; the threshold sets how much of the patch is glass.
-    field = _upsample(rng.standard_normal((n, 6, 6), dtype=f32))
+    field = _upsample(rng.standard_normal((len(holes), 6, 6), dtype=f32))
     field /= field.std(axis=(1, 2), keepdims=True) + 1e-6
-    threshold = rng.uniform(0.4, 1.6, n).astype(f32)[:, None, None]
-    holes = np.clip(2.5 * (threshold - field) + 0.5, 0.0, 1.0)
+    field -= 3.0 * keep[: len(holes)]
+    threshold = rng.uniform(0.4, 1.6, len(holes)).astype(f32)[:, None, None]
+    alpha[holes] = np.clip(2.5 * (threshold - field) + 0.5, 0.0, 1.0)
+
     # Edge: a half-plane at a random angle and offset, its border roughened by smooth noise.
-    angle = rng.uniform(0.0, 2.0 * np.pi, n)
-    offset = rng.uniform(-5.0, 45.0, n)
+    angle = rng.uniform(0.0, 2.0 * np.pi, len(edge)).astype(f32)[:, None, None]
+    offset_px = rng.uniform(-5.0, 45.0, len(edge)).astype(f32)[:, None, None]
     yy, xx = np.mgrid[0:PATCH_PX, 0:PATCH_PX].astype(f32) - (PATCH_PX - 1) / 2
-    signed_px = (
-        yy[None] * np.sin(angle)[:, None, None].astype(f32)
-        + xx[None] * np.cos(angle)[:, None, None].astype(f32)
-        - offset[:, None, None].astype(f32)
-        + 5.0 * _upsample(rng.standard_normal((n, 8, 8), dtype=f32))
-    )
-    edge = np.clip(0.5 - signed_px / 1.5, 0.0, 1.0)
-    solid = np.ones_like(edge)
-    kind = kind[:, None, None]
-    return np.where(kind < 0.5, solid, np.where(kind < 0.75, holes, edge)).astype(f32)
+    signed_px = yy * np.sin(angle) + xx * np.cos(angle) - offset_px - 30.0 * keep[len(holes) :]
+    signed_px += 5.0 * _upsample(rng.standard_normal((len(edge), 8, 8), dtype=f32))
+    alpha[edge] = np.clip(0.5 - signed_px / 1.5, 0.0, 1.0)
+
+    guaranteed = np.clip((12.0 - np.sqrt(dist2)) / 3.0, 0.0, 1.0)
+    alpha[glassy] = np.maximum(alpha[glassy], guaranteed)
+    return alpha
 
 
 def _sprite_ids(
-    rng: np.random.Generator, bank: _SpriteBank, shape: tuple[int, ...]
+    rng: np.random.Generator, bank: _SpriteBank, occupied: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A random nucleus shape and a random offset inside its cell, per lattice cell."""
-    n_shapes, n_offsets = bank.density.shape[:2]
-    return rng.integers(0, n_shapes, shape), rng.integers(0, n_offsets, shape)
+    """A random nucleus shape (the blank sprite where unoccupied) and offset, per lattice cell."""
+    n_shapes, n_offsets = bank.density_u8.shape[0] - 1, bank.density_u8.shape[1]
+    shape_idx = np.where(occupied, rng.integers(0, n_shapes, occupied.shape), n_shapes)
+    return shape_idx, rng.integers(0, n_offsets, occupied.shape)
 
 
-def _stamp_lattice(
-    bank: np.ndarray, shape_idx: np.ndarray, offset_idx: np.ndarray, gain: np.ndarray, cell_px: int
+def _stamp(
+    bank: np.ndarray, shape_idx: np.ndarray, offset_idx: np.ndarray, cell_px: int, shift_px: int
 ) -> np.ndarray:
-    """(n, 96, 96) image of one nucleus per lattice cell, scaled by gain (0 = empty cell).
+    """(n, 96, 96) image with one sprite per lattice cell, on a lattice shifted by shift_px.
 
-    A bool bank with bool gain stamps masks instead (gain False = empty cell).
+    Window (i, j) covers image px [i*c - c/2 + shift, i*c + 3c/2 + shift): its four c x c
+    quadrants land on cells (i, j), (i, j+1), (i+1, j), (i+1, j+1) of a canvas one cell larger.
+    Overlaps take the maximum, so touching nuclei do not add up to impossible darkness.
     """
     windows = bank[shape_idx, offset_idx]  # (n, g, g, 2c, 2c)
-    if gain.dtype != np.bool_:
-        windows *= gain[..., None, None]
-    else:
-        windows &= gain[..., None, None]
-    return _fold_windows(windows, cell_px)
-
-
-def _fold_windows(windows: np.ndarray, cell_px: int) -> np.ndarray:
-    """Overlay (n, g, g, 2c, 2c) windows, one per cell with stride c, into (n, g*c, g*c).
-
-    Window (i, j) covers image px [i*c - c/2, i*c + 3c/2): its four c x c quadrants land on
-    canvas blocks (i, j), (i, j+1), (i+1, j), (i+1, j+1) of a canvas shifted by c/2. Overlaps take
-    the maximum, so touching nuclei do not add up to impossible darkness.
-    """
-    n, g = windows.shape[0], windows.shape[1]
-    c = cell_px
-    canvas = np.zeros((n, g + 1, g + 1, c, c), dtype=windows.dtype)
-    canvas[:, :g, :g] = windows[..., :c, :c]
-    for dy, dx in ((0, 1), (1, 0), (1, 1)):
-        block = canvas[:, dy : dy + g, dx : dx + g]
-        np.maximum(block, windows[..., dy * c : (dy + 1) * c, dx * c : (dx + 1) * c], out=block)
-    full = canvas.transpose(0, 1, 3, 2, 4).reshape(n, (g + 1) * c, (g + 1) * c)
-    half = c // 2
-    return full[:, half : half + g * c, half : half + g * c]
+    n, g, c = windows.shape[0], windows.shape[1], cell_px
+    # Regroup as four (n, g*c, g*c) images, one per quadrant, so each overlay below is one
+    # contiguous max over whole image rows (max over 5-D strided views was 5x slower).
+    quads = windows.reshape(n, g, g, 2, c, 2, c).transpose(0, 3, 5, 1, 4, 2, 6)
+    quads = np.ascontiguousarray(quads).reshape(n, 2, 2, g * c, g * c)
+    canvas = np.zeros((n, (g + 1) * c, (g + 1) * c), dtype=windows.dtype)
+    for qy in (0, 1):
+        for qx in (0, 1):
+            block = canvas[:, qy * c : qy * c + g * c, qx * c : qx * c + g * c]
+            np.maximum(block, quads[:, qy, qx], out=block)
+    start = c // 2 - shift_px  # canvas px q is image px q - c/2 + shift
+    return canvas[:, start : start + PATCH_PX, start : start + PATCH_PX]
 
 
 @cache
@@ -404,12 +498,35 @@ def _smoothing_matrix(n_coarse: int, n_fine: int = PATCH_PX) -> np.ndarray:
     return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+@cache
+def _blur_matrix(sigma_px: float) -> np.ndarray:
+    """(96, 96) Gaussian blur along one axis; rows renormalised so borders keep their level."""
+    px = np.arange(PATCH_PX)
+    w = np.exp(-0.5 * ((px[:, None] - px[None, :]) / sigma_px) ** 2)
+    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _separable(images: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """rows @ image @ cols.T for every image in a (..., h, w) stack, as two single GEMMs.
+
+    One big 2-D matmul per axis, not a batched matmul: numpy would call BLAS once per tiny
+    image, which is slow, and much slower still when the cores are shared.
+    """
+    lead, (h, w) = images.shape[:-2], images.shape[-2:]
+    along_x = images.reshape(-1, w) @ cols.T  # (..., h, W)
+    width = cols.shape[0]
+    swapped = np.ascontiguousarray(along_x.reshape(-1, h, width).transpose(0, 2, 1))
+    along_y = swapped.reshape(-1, h) @ rows.T  # (..., W, H)
+    out = along_y.reshape(-1, width, rows.shape[0]).transpose(0, 2, 1)
+    return np.ascontiguousarray(out).reshape(*lead, rows.shape[0], width)
+
+
 def _upsample(grid: np.ndarray) -> np.ndarray:
-    """(n, gy, gx) coarse values to a smooth (n, 96, 96) field (two small matmuls)."""
-    return _smoothing_matrix(grid.shape[1]) @ grid @ _smoothing_matrix(grid.shape[2]).T
+    """(n, gy, gx) coarse values to a smooth (n, 96, 96) field."""
+    return _separable(grid, _smoothing_matrix(grid.shape[1]), _smoothing_matrix(grid.shape[2]))
 
 
-def _upsample_aniso(rng: np.random.Generator, n: int) -> np.ndarray:
+def _fibres(rng: np.random.Generator, n: int) -> np.ndarray:
     """Collagen-fibre streaks: noise fine across and coarse along the fibres, in two directions."""
     streaks = _upsample(rng.standard_normal((n, 32, 4), dtype=np.float32))
     across = rng.random(n) < 0.5
@@ -419,22 +536,21 @@ def _upsample_aniso(rng: np.random.Generator, n: int) -> np.ndarray:
 
 @cache
 def _normal_bank() -> _SpriteBank:
-    """Lymphocytes (small, round, uniformly dark) and stromal spindle nuclei (thin, elongated)."""
+    """Lymphocytes (small, round, uniformly dark), stromal spindle nuclei (thin, elongated) and
+    histiocytes (larger, paler ovals: the normal nuclei a model could mistake for tumour)."""
     rng = np.random.default_rng(_SPRITE_BANK_SEED)
-    k = 48
-    spindle = rng.random(k) < 0.25
+    k = 64
+    kind = rng.random(k)
+    spindle, histiocyte = kind < 0.2, kind > 0.85
     r = rng.uniform(2.0, 3.2, k)
-    rx = np.where(spindle, rng.uniform(3.0, 3.5, k), r)
-    ry = np.where(spindle, rng.uniform(1.0, 1.5, k), r * rng.uniform(0.8, 1.0, k))
-    return _build_bank(
-        rng,
-        _NORMAL_CELL_PX,
-        rx,
-        ry,
-        irregularity=0.04,
-        conc=rng.uniform(1.3, 1.8, k),
-        vesicular=False,
+    rx = np.select([spindle, histiocyte], [rng.uniform(3.0, 3.5, k), rng.uniform(3.1, 3.6, k)], r)
+    ry = np.select(
+        [spindle, histiocyte],
+        [rng.uniform(1.0, 1.5, k), rng.uniform(2.3, 3.0, k)],
+        r * rng.uniform(0.8, 1.0, k),
     )
+    conc = np.where(histiocyte, rng.uniform(1.0, 1.4, k), rng.uniform(1.3, 1.8, k))
+    return _build_bank(rng, _NORMAL_CELL_PX, rx, ry, conc, irregularity=0.04, vesicular=False)
 
 
 @cache
@@ -443,17 +559,10 @@ def _tumour_bank() -> _SpriteBank:
     a dark rim and a nucleolus."""
     rng = np.random.default_rng(_SPRITE_BANK_SEED + 1)
     k = 32
-    r = rng.uniform(3.6, 5.2, k)
+    r = rng.uniform(3.2, 5.2, k)
     aspect = rng.uniform(0.65, 1.0, k)
-    return _build_bank(
-        rng,
-        _TUMOUR_CELL_PX,
-        r,
-        r * aspect,
-        irregularity=0.14,
-        conc=rng.uniform(1.6, 2.3, k),
-        vesicular=True,
-    )
+    conc = rng.uniform(1.6, 2.3, k)
+    return _build_bank(rng, _TUMOUR_CELL_PX, r, r * aspect, conc, irregularity=0.14, vesicular=True)
 
 
 def _build_bank(
@@ -461,8 +570,8 @@ def _build_bank(
     cell_px: int,
     radius_x: np.ndarray,
     radius_y: np.ndarray,
-    irregularity: float,
     conc: np.ndarray,
+    irregularity: float,
     vesicular: bool,
 ) -> _SpriteBank:
     """Render k nucleus shapes at every integer offset in a cell, in a 2c x 2c window."""
@@ -472,44 +581,46 @@ def _build_bank(
     harmonics = np.arange(2, 6)
     amp = rng.uniform(0.3, 1.0, (k, len(harmonics))) * irregularity
     phase = rng.uniform(0.0, 2.0 * np.pi, (k, len(harmonics)))
-    # Shrink shapes whose lumpiest point would not fit between centre and window edge.
+    # Shrink shapes whose lumpiest point would not fit between centre and window edge
+    # (c/2 + 0.5 px for a nucleus centred on the first or last pixel of its cell).
     reach_px = np.maximum(radius_x, radius_y) * (1.0 + amp.sum(axis=1)) + edge_px / 2
     shrink = np.minimum(1.0, (c / 2 + 0.5 - 0.2) / reach_px)
     radius_x, radius_y = radius_x * shrink, radius_y * shrink
     theta = rng.uniform(0.0, np.pi, k)
 
-    off = np.arange(c)
-    centre_y = (c / 2 + off + 0.5)[:, None].repeat(c, axis=1).reshape(-1)  # (c*c,)
-    centre_x = (c / 2 + off + 0.5)[None, :].repeat(c, axis=0).reshape(-1)
-    pix = np.arange(w) + 0.5
-    dy = pix[None, :, None] - centre_y[:, None, None]  # (c*c, w, 1)
-    dx = pix[None, None, :] - centre_x[:, None, None]  # (c*c, 1, w)
-
     def per_shape(a: np.ndarray) -> np.ndarray:
-        return a[:, None, None, None]
+        return a.astype(np.float32)[:, None, None, None]
+
+    # Nucleus centred on pixel (c/2 + oy, c/2 + ox) of the window for offsets oy, ox in [0, c).
+    centre = c / 2 + np.arange(c) + 0.5
+    pix = np.arange(w) + 0.5
+    dy = (pix[None, :, None] - np.repeat(centre, c)[:, None, None]).astype(np.float32)
+    dx = (pix[None, None, :] - np.tile(centre, c)[:, None, None]).astype(np.float32)
 
     cos_t, sin_t = per_shape(np.cos(theta)), per_shape(np.sin(theta))
-    u = (dx * cos_t + dy * sin_t) / per_shape(radius_x)  # (k, c*c, w, w)
-    v = (-dx * sin_t + dy * cos_t) / per_shape(radius_y)
+    along = dx * cos_t + dy * sin_t  # (k, c*c, w, w) px in the nucleus frame
+    across = -dx * sin_t + dy * cos_t
+    u, v = along / per_shape(radius_x), across / per_shape(radius_y)
     r_norm = np.hypot(u, v)
     phi = np.arctan2(v, u)
     boundary = 1.0 + sum(
         per_shape(amp[:, i]) * np.cos(m * phi + per_shape(phase[:, i]))
         for i, m in enumerate(harmonics)
     )
-    mean_r = per_shape(np.sqrt(radius_x * radius_y))
-    inside_px = (boundary - r_norm) * mean_r  # approximate distance inside the outline
+    inside_px = (boundary - r_norm) * per_shape(np.sqrt(radius_x * radius_y))  # approx.
     alpha = np.clip(inside_px / edge_px + 0.5, 0.0, 1.0)
 
-    # Chromatin texture: a few fixed-phase waves in the nucleus frame (same for every offset).
-    ux, vy = u * per_shape(radius_x), v * per_shape(radius_y)
+    # Chromatin texture: a few fixed-phase waves in the nucleus frame (same at every offset).
     freq = rng.uniform(0.9, 1.6, (k, 3))
     wave_dir = rng.uniform(0.0, np.pi, (k, 3))
     wave_phase = rng.uniform(0.0, 2.0 * np.pi, (k, 3))
     texture = sum(
         np.cos(
             per_shape(freq[:, i])
-            * (ux * per_shape(np.cos(wave_dir[:, i])) + vy * per_shape(np.sin(wave_dir[:, i])))
+            * (
+                along * per_shape(np.cos(wave_dir[:, i]))
+                + across * per_shape(np.sin(wave_dir[:, i]))
+            )
             + per_shape(wave_phase[:, i])
         )
         for i in range(3)
@@ -522,10 +633,16 @@ def _build_bank(
         profile = 0.72 + 0.4 * rim + 0.12 * texture + 0.45 * nucleolus
     else:
         profile = 1.0 + 0.04 * texture
-    density = (alpha * per_shape(conc) * profile).astype(np.float32)
+    density = np.clip(alpha * per_shape(conc) * profile, 0.0, None)
+
+    # uint8 sprites: gathering and max-folding them is ~4x faster than float32.
+    density_per_level = float(density.max()) / 255.0
+    density_u8 = np.round(density / density_per_level).astype(np.uint8)
+    blank = np.zeros((1, *density_u8.shape[1:]), dtype=np.uint8)
     mask = inside_px > 0.0
     return _SpriteBank(
-        density=density,
-        mask=mask,
+        density_u8=np.concatenate([density_u8, blank]),
+        mask=np.concatenate([mask, blank.astype(bool)]),
+        density_per_level=np.float32(density_per_level),
         mean_density_per_cell_px=float(density.sum(axis=(2, 3)).mean() / (c * c)),
     )

@@ -1,16 +1,23 @@
-"""The training loop: one readable function, seeded end to end, checkpointed atomically.
+"""The training loop: one readable function, seeded end to end, checkpointed atomically, resumable.
 
-Determinism: every random draw comes from a torch.Generator seeded from (train.seed, epoch), the
-model is initialised from train.seed, deterministic algorithms are enforced and the thread count
-is fixed. Same code + params + data => byte-identical checkpoint on the same machine type.
+Determinism: the model is initialised from train.seed; every later random draw (sampling order,
+augmentation) comes from a torch.Generator seeded from (train.seed, epoch); deterministic
+algorithms are enforced and the thread count is fixed. Same code + params + data => byte-identical
+checkpoint on the same machine type, also when the run was interrupted and resumed: the checkpoint
+holds the epoch generator's state and the position inside the epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import random
+import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,27 +25,109 @@ from sklearn.metrics import fbeta_score, roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
-from pcam.checkpoint import save_checkpoint
-from pcam.data import Split, augment, normalise
+from pcam.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from pcam.data import Split, color_jitter, flip_rotate, standardise, to_unit
+from pcam.errors import PcamError
 from pcam.inference import predict_logits, sigmoid
 from pcam.models import build_model, init_weights, model_config
 from pcam.params import TrainParams
 
+# Exit status of a run stopped by SIGTERM/SIGUSR1 after saving its checkpoint (EX_TEMPFAIL:
+# "try again later"); job scripts requeue on it.
+EXIT_INTERRUPTED = 75
+RESUME_ENV = "PCAM_RESUME"
+# Train params that may differ between an interrupted run and its resumption.
+_RESUME_MAY_CHANGE = {"resume"}
+
+
+class TrainingInterrupted(Exception):
+    def __init__(self, signame: str, epoch: int, step: int):
+        super().__init__(f"{signame} at epoch {epoch + 1}, step {step}")
+        self.signame = signame
+
 
 def set_determinism(seed: int, threads: int) -> None:
+    # cuBLAS needs this for deterministic matmuls; it must be set before CUDA initialises.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
-    # cuBLAS needs this for deterministic matmuls on CUDA; harmless on CPU.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.set_num_threads(threads)
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """A generator per epoch: an epoch's shuffling/augmentation does not depend on earlier ones."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PcamError("train.device is 'cuda' but no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """A generator per epoch: an epoch's order and augmentation do not depend on earlier epochs."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+
+
+def epoch_order(sampler: str, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Sample indices for one epoch: a permutation, or a class-balanced draw with replacement.
+
+    `weighted` is the seeds' WeightedRandomSampler: each class gets half the draws in expectation.
+    """
+    n = len(y)
+    if sampler == "shuffle":
+        return torch.randperm(n, generator=gen, device=y.device)
+    counts = torch.bincount(y.long(), minlength=2).clamp_min(1).to(torch.float64)
+    weights = (1.0 / counts)[y.long()]
+    return torch.multinomial(weights, n, replacement=True, generator=gen)
+
+
+def make_optimizer(p: TrainParams, model: nn.Module) -> torch.optim.Optimizer:
+    if p.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay
+        )
+    return torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+
+
+def make_scheduler(p: TrainParams, optimizer, steps_per_epoch: int):
+    """Per-step schedulers (cosine, onecycle) and the per-epoch plateau scheduler on val loss."""
+    total = p.epochs * steps_per_epoch
+    if p.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if p.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=p.lr, total_steps=total)
+    if p.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=p.plateau_factor, patience=p.plateau_patience
+        )
+    return None
+
+
+def grad_norm(model: nn.Module) -> torch.Tensor:
+    norms = [q.grad.detach().norm(2) for q in model.parameters() if q.grad is not None]
+    return torch.stack(norms).norm(2)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[dict]:
+    """Turn SIGTERM/SIGUSR1 into a flag the loop checks after each step.
+
+    SLURM sends SIGUSR1 (with --signal) before a time limit and SIGTERM on preemption/scancel;
+    finishing the current step and writing a checkpoint beats dying mid-write.
+    """
+    flag: dict = {"signal": None}
+
+    def handler(signum, _frame):
+        flag["signal"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 @dataclass
@@ -48,17 +137,35 @@ class EpochResult:
     val_loss: float
     val_roc_auc: float
     val_f2: float
-    images_per_s: float
+    lr: float
 
 
-def evaluate_split(model: nn.Module, split: Split, mean, std, batch_size: int) -> dict[str, float]:
-    logits = predict_logits(model, split.x, mean, std, batch_size)
-    y = split.y.numpy().astype(np.float64)
+@dataclass
+class Progress:
+    """Where training is: everything besides model/optimizer/scheduler that a resume needs."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches completed inside the current epoch
+    step: int = 0  # optimizer steps overall
+    loss_sum: float = 0.0  # train loss summed over the current epoch's samples so far
+    gen_state: torch.Tensor | None = None  # epoch generator state after `batch` batches
+    best_epoch: int = 0
+    best_roc_auc: float = -1.0
+    best_state: dict | None = None
+    epochs_without_gain: int = 0
+    finished: bool = False
+    stopped_early: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+def evaluate_split(model, split: Split, mean, std, batch_size: int, device) -> dict[str, float]:
+    logits = predict_logits(model, split.x, mean, std, batch_size, device)
+    y = split.y.cpu().numpy().astype(np.float64)
     loss = nn.functional.binary_cross_entropy_with_logits(
         torch.from_numpy(logits), torch.from_numpy(y)
     ).item()
     prob = sigmoid(logits)
-    # 0.5 here only for monitoring; the deployed threshold is chosen by `evaluate` on valid.
+    # 0.5 only for monitoring; the deployed threshold is chosen by `evaluate` on valid.
     return {
         "loss": loss,
         "roc_auc": float(roc_auc_score(y, prob)),
@@ -66,9 +173,37 @@ def evaluate_split(model: nn.Module, split: Split, mean, std, batch_size: int) -
     }
 
 
-def grad_norm(model: nn.Module) -> float:
-    norms = [p.grad.detach().norm(2) for p in model.parameters() if p.grad is not None]
-    return torch.stack(norms).norm(2).item() if norms else 0.0
+def _checkpoint(config, model, optimizer, scheduler, prog: Progress, mean, std, provenance):
+    return {
+        "model_config": config,
+        "model_state": model.state_dict(),
+        "optimizer_state": optimizer.state_dict(),
+        "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
+        "progress": {k: v for k, v in vars(prog).items()},
+        "normalisation": {"mean": mean.tolist(), "std": std.tolist()},
+        "provenance": provenance,
+    }
+
+
+def _restore(path: Path, p: TrainParams, provenance: dict, model, optimizer, scheduler) -> Progress:
+    ckpt = load_checkpoint(path)
+    saved = ckpt["provenance"]["params"]
+    now = provenance["params"]
+    diff = [
+        f"{section}.{k}: {saved[section].get(k)!r} -> {v!r}"
+        for section in now
+        for k, v in now[section].items()
+        if not (section == "train" and k in _RESUME_MAY_CHANGE) and saved[section].get(k) != v
+    ]
+    if diff:
+        raise PcamError(
+            f"{path}: cannot resume: the checkpoint was trained with other params ({'; '.join(diff)})"
+        )
+    load_state_strict(model, ckpt["model_state"], path)
+    optimizer.load_state_dict(ckpt["optimizer_state"])
+    if scheduler is not None:
+        scheduler.load_state_dict(ckpt["scheduler_state"])
+    return Progress(**ckpt["progress"])
 
 
 def train(
@@ -80,71 +215,133 @@ def train(
     out_path: str | os.PathLike,
     provenance: dict,
     live=None,
-) -> list[EpochResult]:
-    """Train p.epochs epochs; log to `live` (a dvclive.Live) and checkpoint at every epoch end."""
+) -> Progress:
+    """Train to p.epochs (or early stop); checkpoint at every epoch end and on SIGTERM/SIGUSR1.
+
+    Resumes from `out_path` when p.resume or $PCAM_RESUME=1 and the file exists. Raises
+    TrainingInterrupted after saving a checkpoint when a signal arrived.
+    """
+    out_path = Path(out_path)
     set_determinism(p.seed, p.threads)
+    device = resolve_device(p.device)
     config = model_config(p)
     model = build_model(config)
     init_weights(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    loss_fn = nn.BCEWithLogitsLoss()
+    model.to(device)
+    if p.channels_last:
+        model.to(memory_format=torch.channels_last)
+    fast_model = torch.compile(model) if p.compile else model
+    optimizer = make_optimizer(p, model)
     n = len(train_split)
     steps_per_epoch = (n + p.batch_size - 1) // p.batch_size
-    history: list[EpochResult] = []
-    step = 0
-    for epoch in range(p.epochs):
-        gen = epoch_generator(p.seed, epoch)
-        order = torch.randperm(n, generator=gen)
-        model.train()
-        t0 = time.perf_counter()
-        total_loss = 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{p.epochs}", leave=False)
-        for b in bar:
-            idx = order[b * p.batch_size : (b + 1) * p.batch_size]
-            xb = normalise(augment(train_split.x[idx], gen), mean, std)
-            yb = train_split.y[idx].to(torch.float32)
-            loss = loss_fn(model(xb), yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = grad_norm(model)
-            optimizer.step()
-            step += 1
-            total_loss += loss.item() * len(idx)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if live is not None:
-                live.log_metric("train/loss", loss.item())
-                live.log_metric("train/grad_norm", gnorm)
-                live.log_metric("train/lr", optimizer.param_groups[0]["lr"])
-                live.next_step()
-        seconds = time.perf_counter() - t0
-        val = evaluate_split(model, valid_split, mean, std, max(p.batch_size, 256))
-        result = EpochResult(
-            epoch + 1, total_loss / n, val["loss"], val["roc_auc"], val["f2"], n / seconds
-        )
-        history.append(result)
-        if live is not None:
-            for key in ("loss", "roc_auc", "f2"):
-                live.log_metric(f"val/{key}", val[key])
-            # A timing: dvclive/ is therefore not byte-reproducible; metrics/train.json is.
-            live.log_metric("perf/images_per_s", result.images_per_s)
-        print(
-            f"epoch {result.epoch}/{p.epochs}: train_loss {result.train_loss:.4f} "
-            f"val_loss {result.val_loss:.4f} val_roc_auc {result.val_roc_auc:.4f} "
-            f"val_f2 {result.val_f2:.4f} ({result.images_per_s:.0f} img/s)",
-            flush=True,
-        )
+    scheduler = make_scheduler(p, optimizer, steps_per_epoch)
+    per_step_scheduler = p.scheduler in ("cosine", "onecycle")
+    loss_fn = nn.BCEWithLogitsLoss()
+    x_all, y_all = train_split.x.to(device), train_split.y.to(device)
+    mean, std = mean.to(device), std.to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.precision == "bf16")
+
+    resume = p.resume or os.environ.get(RESUME_ENV) == "1"
+    prog = Progress()
+    if resume and out_path.is_file():
+        prog = _restore(out_path, p, provenance, model, optimizer, scheduler)
+        print(f"train: resuming from {out_path} at epoch {prog.epoch + 1}, batch {prog.batch}")
+        if prog.finished:
+            return prog
+
+    def save() -> None:
         save_checkpoint(
-            out_path,
-            {
-                "model_config": config,
-                "model_state": model.state_dict(),
-                "optimizer_state": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "step": step,
-                "normalisation": {"mean": mean.tolist(), "std": std.tolist()},
-                # Timings stay out of the checkpoint so that it is byte-reproducible.
-                "history": [{k: v for k, v in vars(h).items() if k != "images_per_s"} for h in history],
-                "provenance": provenance,
-            },
+            out_path, _checkpoint(config, model, optimizer, scheduler, prog, mean, std, provenance)
         )
-    return history
+
+    with stop_on_signals() as stop:
+        for epoch in range(prog.epoch, p.epochs):
+            gen = epoch_generator(p.seed, epoch, device)
+            order = epoch_order(p.sampler, y_all, gen)
+            if prog.gen_state is not None:  # resuming inside this epoch
+                gen.set_state(prog.gen_state)
+            model.train()
+            t0, seen = time.perf_counter(), 0
+            bar = tqdm(  # disable=None: no bar when stdout is not a terminal (CI, SLURM logs)
+                range(prog.batch, steps_per_epoch),
+                desc=f"epoch {epoch + 1}/{p.epochs}",
+                leave=False,
+                disable=None,
+            )
+            for b in bar:
+                idx = order[b * p.batch_size : (b + 1) * p.batch_size]
+                xb = flip_rotate(x_all[idx], gen, p.augment.flips, p.augment.rot90)
+                xb = to_unit(xb)
+                if p.augment.color_jitter > 0:
+                    xb = color_jitter(xb, gen, p.augment.color_jitter)
+                xb = standardise(xb, mean, std)
+                with autocast:
+                    loss = loss_fn(fast_model(xb).float(), y_all[idx].float())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = grad_norm(model)
+                if p.grad_clip_norm > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip_norm)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                if per_step_scheduler:
+                    scheduler.step()
+                loss_value = loss.item()
+                prog.step += 1
+                prog.batch = b + 1
+                prog.loss_sum += loss_value * len(idx)
+                seen += len(idx)
+                bar.set_postfix(
+                    loss=f"{loss_value:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}"
+                )
+                if live is not None:
+                    live.log_metric("train/loss", loss_value)
+                    live.log_metric("train/grad_norm", gnorm.item())
+                    live.log_metric("train/lr", lr)
+                    live.next_step()
+                if stop["signal"] and prog.batch < steps_per_epoch:
+                    prog.gen_state = gen.get_state()
+                    save()
+                    raise TrainingInterrupted(stop["signal"], epoch, prog.step)
+            images_per_s = seen / max(time.perf_counter() - t0, 1e-9)
+            val = evaluate_split(model, valid_split, mean, std, max(p.batch_size, 256), device)
+            if p.scheduler == "plateau":
+                scheduler.step(val["loss"])
+            result = EpochResult(
+                epoch + 1,
+                prog.loss_sum / n,
+                val["loss"],
+                val["roc_auc"],
+                val["f2"],
+                optimizer.param_groups[0]["lr"],
+            )
+            prog.history.append(vars(result))
+            prog.epoch, prog.batch, prog.loss_sum, prog.gen_state = epoch + 1, 0, 0.0, None
+            if val["roc_auc"] > prog.best_roc_auc:
+                prog.best_epoch, prog.best_roc_auc = epoch + 1, val["roc_auc"]
+                prog.best_state = copy.deepcopy(model.state_dict())
+                prog.epochs_without_gain = 0
+            else:
+                prog.epochs_without_gain += 1
+            prog.stopped_early = 0 < p.early_stopping_patience <= prog.epochs_without_gain
+            prog.finished = prog.epoch == p.epochs or prog.stopped_early
+            if live is not None:
+                for key in ("loss", "roc_auc", "f2"):
+                    live.log_metric(f"val/{key}", val[key])
+                # A timing: dvclive/ is therefore not byte-reproducible; metrics/train.json is.
+                live.log_metric("perf/images_per_s", images_per_s)
+            print(
+                f"epoch {result.epoch}/{p.epochs}: train_loss {result.train_loss:.4f} "
+                f"val_loss {result.val_loss:.4f} val_roc_auc {result.val_roc_auc:.4f} "
+                f"val_f2@0.5 {result.val_f2:.4f} lr {result.lr:.2e} ({images_per_s:.0f} img/s)",
+                flush=True,
+            )
+            save()
+            if prog.stopped_early:
+                print(
+                    f"train: early stop: no val ROC-AUC gain for {prog.epochs_without_gain} epochs"
+                )
+                break
+            if stop["signal"] and not prog.finished:
+                raise TrainingInterrupted(stop["signal"], epoch + 1, prog.step)
+    return prog

@@ -1,0 +1,99 @@
+"""Helpers for end-to-end tests: a temporary git copy of this repo, run with the real dvc CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO
+
+# Small enough that the whole pipeline runs in seconds; still exercises every stage.
+TINY = {
+    "data.synthetic.n_train": 256,
+    "data.synthetic.n_valid": 128,
+    "data.synthetic.n_test": 128,
+    "data.synthetic.slides_train": 4,
+    "data.synthetic.slides_valid": 2,
+    "data.synthetic.slides_test": 2,
+    "train.epochs": 1,
+    "train.batch_size": 64,
+    "benchmark.batch_sizes": [1, 8],
+    "benchmark.repeats": 3,
+}
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    # Stage commands call `python`: make it this interpreter, whatever PATH the tests got.
+    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
+    e["DVC_NO_ANALYTICS"] = "1"
+    e.setdefault("GIT_AUTHOR_NAME", "pcam tests")
+    e.setdefault("GIT_AUTHOR_EMAIL", "tests@pcam")
+    e.setdefault("GIT_COMMITTER_NAME", "pcam tests")
+    e.setdefault("GIT_COMMITTER_EMAIL", "tests@pcam")
+    return e
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+            f"stderr:\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+def dvc(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return run([str(Path(sys.executable).parent / "dvc"), *args], cwd, check)
+
+
+def tracked_files() -> list[str]:
+    """Files git tracks or would track (untracked but not ignored) in the working tree."""
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [f for f in out.split("\0") if f and (REPO / f).is_file()]
+
+
+def copy_repo(dest: Path, overrides: dict | None = None) -> Path:
+    """A fresh git repo holding this working tree's files, params overridden, committed."""
+    dest.mkdir(parents=True)
+    for rel in tracked_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+    for stale in ("dvc.lock",):  # the copy's outputs are its own
+        (dest / stale).unlink(missing_ok=True)
+    if overrides:
+        set_params(dest, overrides)
+    run(["git", "init", "-q", "-b", "main"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-q", "-m", "copy"], dest)
+    return dest
+
+
+def set_params(repo: Path, overrides: dict) -> None:
+    path = repo / "params.yaml"
+    doc = yaml.safe_load(path.read_text())
+    for dotted, value in overrides.items():
+        node = doc
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())

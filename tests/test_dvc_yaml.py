@@ -1,0 +1,92 @@
+"""dvc.yaml keeps its contracts: stage names, code deps that match imports, leaf params."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO
+
+STAGES = ("prepare", "validate-data", "compute-stats", "train", "evaluate", "slice", "benchmark")
+# Read but unable to change outputs: how patient the download is, and whether train resumes
+# (resumed runs are byte-identical to uninterrupted ones: tests/test_training.py).
+UNDECLARED_ON_PURPOSE = {"data.pcam.timeout_s", "data.pcam.retries", "train.resume"}
+
+
+def dvc_yaml() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def script_of(stage: dict) -> Path:
+    return REPO / stage["cmd"].split()[1]
+
+
+def pcam_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "pcam":
+                found |= {alias.name for alias in node.names}
+            elif node.module.startswith("pcam."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pcam.")}
+    return found
+
+
+def code_closure(script: Path) -> set[str]:
+    """Every src/pcam module a stage script imports, directly or through other modules."""
+    seen: set[str] = set()
+    todo = list(pcam_imports(script))
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        todo += list(pcam_imports(REPO / "src" / "pcam" / f"{mod}.py"))
+    return {f"src/pcam/{m}.py" for m in seen}
+
+
+def leaf_keys(doc: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            keys |= leaf_keys(v, f"{prefix}{k}.")
+        else:
+            keys.add(prefix + k)
+    return keys
+
+
+def test_stage_names_exactly():
+    assert tuple(dvc_yaml()["stages"]) == STAGES
+
+
+def test_code_deps_match_what_each_stage_imports():
+    # A module missing from deps means a code change that DVC would not re-run; an extra one
+    # means needless re-runs. Both are checked so the list cannot drift.
+    for name, stage in dvc_yaml()["stages"].items():
+        script = script_of(stage)
+        declared = {d for d in stage["deps"] if d.startswith(("src/", "stages/"))}
+        expected = code_closure(script) | {str(script.relative_to(REPO))}
+        assert declared == expected, f"{name}: declared {sorted(declared ^ expected)} differ"
+
+
+def test_params_are_leaves_and_every_leaf_is_used():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    leaves = leaf_keys(params)
+    used = set()
+    for name, stage in dvc_yaml()["stages"].items():
+        for key in stage.get("params", []):
+            assert key in leaves, f"{name}: param {key} is not a leaf of params.yaml"
+            used.add(key)
+    assert leaves - used == UNDECLARED_ON_PURPOSE
+
+
+def test_metrics_and_plots_are_not_cached():
+    for name, stage in dvc_yaml()["stages"].items():
+        for section in ("metrics", "plots"):
+            for entry in stage.get(section, []):
+                ((path, opts),) = entry.items()
+                assert opts.get("cache") is False, f"{name}: {path} must be cache: false"

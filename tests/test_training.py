@@ -1,0 +1,199 @@
+"""Training: byte-identical twins, byte-identical resume after SIGTERM, safe checkpoint loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import pickle
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from pcam.checkpoint import load_checkpoint, load_model, load_state_strict, save_checkpoint
+from pcam.data import Split, flip_rotate
+from pcam.errors import PcamError
+from pcam.models import build_model
+from pcam.params import load_params, to_dict
+from pcam.training import TrainingInterrupted, epoch_order, train
+from tests.conftest import REPO
+
+
+def tiny_split(name: str, n: int, seed: int) -> Split:
+    """Learnable toy data: positives have a dark centre square."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(120, 256, size=(n, 96, 96, 3), dtype=np.uint8)
+    y = (np.arange(n) % 2).astype(np.uint8)
+    x[y == 1, 32:64, 32:64] //= 3
+    return Split(name, torch.from_numpy(x), torch.from_numpy(y), np.arange(n))
+
+
+def params(**changes):
+    p = load_params(REPO / "params.yaml").train
+    base = dict(epochs=2, batch_size=16, width=4, threads=1, device="cpu")
+    return dataclasses.replace(p, **(base | changes))
+
+
+def prov(p) -> dict:
+    return {"params": {"train": to_dict(p)}, "seed": p.seed}
+
+
+MEAN = torch.tensor([0.5, 0.5, 0.5])
+STD = torch.tensor([0.25, 0.25, 0.25])
+
+
+class SignalAtStep:
+    """Stands in for dvclive.Live; sends a real SIGTERM to this process at a chosen step."""
+
+    def __init__(self, at_step: int | None):
+        self.at_step, self.step = at_step, 0
+
+    def log_metric(self, *args, **kwargs):
+        pass
+
+    def next_step(self):
+        self.step += 1
+        if self.step == self.at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def md5(path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return tiny_split("train", 80, 0), tiny_split("valid", 32, 1)
+
+
+def test_twin_runs_are_byte_identical(tmp_path, splits):
+    p = params()
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    hist_a = train(p, *splits, MEAN, STD, a, prov(p)).history
+    hist_b = train(p, *splits, MEAN, STD, b, prov(p)).history
+    assert md5(a) == md5(b)
+    assert hist_a == hist_b
+    # and the seed matters: another seed gives another model
+    c = tmp_path / "c.pt"
+    train(dataclasses.replace(p, seed=1), *splits, MEAN, STD, c, prov(p))
+    assert md5(c) != md5(a)
+
+
+@pytest.mark.parametrize("scheduler", ["onecycle", "plateau", "cosine", "none"])
+def test_sigterm_mid_epoch_then_resume_is_byte_identical(tmp_path, splits, scheduler):
+    p = params(scheduler=scheduler, sampler="weighted" if scheduler == "plateau" else "shuffle")
+    whole = tmp_path / "whole.pt"
+    train(p, *splits, MEAN, STD, whole, prov(p))
+
+    part = tmp_path / "part.pt"
+    with pytest.raises(TrainingInterrupted, match="SIGTERM"):
+        train(p, *splits, MEAN, STD, part, prov(p), live=SignalAtStep(3))  # mid epoch 1 (5 steps)
+    ckpt = load_checkpoint(part)
+    assert ckpt["progress"]["batch"] == 3 and not ckpt["progress"]["finished"]
+    with pytest.raises(PcamError, match="unfinished run"):
+        load_model(ckpt, part)
+
+    resumed = dataclasses.replace(p, resume=True)
+    train(resumed, *splits, MEAN, STD, part, prov(p))
+    assert md5(part) == md5(whole)
+
+
+def test_resume_refuses_checkpoint_with_other_params(tmp_path, splits):
+    p = params()
+    path = tmp_path / "m.pt"
+    with pytest.raises(TrainingInterrupted):
+        train(p, *splits, MEAN, STD, path, prov(p), live=SignalAtStep(2))
+    other = dataclasses.replace(p, lr=0.5, resume=True)
+    with pytest.raises(PcamError, match=r"cannot resume.*train.lr: 0.002 -> 0.5"):
+        train(other, *splits, MEAN, STD, path, prov(other))
+
+
+def test_early_stopping_keeps_best_epoch(tmp_path, splits):
+    p = params(epochs=6, early_stopping_patience=1, lr=0.05, scheduler="none")
+    prog = train(p, *splits, MEAN, STD, tmp_path / "m.pt", prov(p))
+    aucs = [h["val_roc_auc"] for h in prog.history]
+    assert prog.best_roc_auc == max(aucs)
+    assert prog.history[prog.best_epoch - 1]["val_roc_auc"] == max(aucs)
+    if prog.stopped_early:
+        assert len(aucs) < 6 and aucs[-1] <= prog.best_roc_auc
+
+
+@pytest.mark.parametrize("model", ["cnn", "mlp", "resnet"])
+def test_each_model_trains_and_reloads(tmp_path, splits, model):
+    p = params(model=model, epochs=1, hidden_units=8)
+    path = tmp_path / "m.pt"
+    train(p, *splits, MEAN, STD, path, prov(p))
+    net = load_model(load_checkpoint(path), path)
+    assert net(torch.zeros(2, 3, 96, 96)).shape == (2,)
+
+
+def test_pickled_payload_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this would run arbitrary code",))
+
+    path = tmp_path / "evil.pt"
+    buf = io.BytesIO()
+    torch.save({"format": "pcam-checkpoint/1", "payload": Evil()}, buf)
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(PcamError, match="refused to load"):
+        load_checkpoint(path)
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"not a zip file at all")
+    with pytest.raises(PcamError, match="not a readable torch checkpoint"):
+        load_checkpoint(path)
+    truncated = tmp_path / "truncated.pt"
+    save_checkpoint(truncated, {"w": torch.zeros(1000)})
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    with pytest.raises(PcamError, match="not a readable torch checkpoint"):
+        load_checkpoint(truncated)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(PcamError, match="not a pcam checkpoint"):
+        load_checkpoint(other)
+
+
+def test_wrong_model_names_keys_and_shapes(tmp_path):
+    cnn = build_model({"model": "cnn", "width": 8}).state_dict()
+    with pytest.raises(PcamError, match=r"shape mismatch \[features.0.weight: checkpoint"):
+        load_state_strict(build_model({"model": "cnn", "width": 4}), cnn, "x.pt")
+    with pytest.raises(PcamError, match=r"missing keys \[net.1.bias.*unexpected keys"):
+        load_state_strict(build_model({"model": "mlp", "hidden_units": 4}), cnn, "x.pt")
+
+
+def test_weighted_sampler_balances_classes():
+    y = torch.tensor([0] * 900 + [1] * 100, dtype=torch.uint8)
+    order = epoch_order("weighted", y, torch.Generator().manual_seed(0))
+    frac = y[order].float().mean().item()
+    assert 0.45 < frac < 0.55
+    perm = epoch_order("shuffle", y, torch.Generator().manual_seed(0))
+    assert sorted(perm.tolist()) == list(range(1000))
+
+
+def test_flip_rotate_only_moves_pixels():
+    x = torch.randint(0, 256, (64, 96, 96, 3), dtype=torch.uint8)
+    out = flip_rotate(x, torch.Generator().manual_seed(0), flips=True, rot90=True)
+    assert not torch.equal(out, x)
+    for a, b in zip(x, out, strict=True):
+        assert torch.equal(a.flatten().sort().values, b.flatten().sort().values)
+    off = flip_rotate(x, torch.Generator().manual_seed(0), flips=False, rot90=False)
+    assert torch.equal(off, x)
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path, splits):
+    p = params(epochs=1)
+    path = tmp_path / "m.pt"
+    train(p, *splits, MEAN, STD, path, prov(p))
+    # the strict loader accepts it: nothing but tensors and plain containers inside
+    torch.load(path, weights_only=True)
+    with pytest.raises(pickle.UnpicklingError):
+        bad = io.BytesIO()
+        torch.save({"x": object()}, bad)
+        bad.seek(0)
+        torch.load(bad, weights_only=True)
