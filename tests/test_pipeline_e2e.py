@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -65,7 +66,7 @@ def test_experiment_shows_in_exp_show_metrics_diff_and_plots_diff(repro_repo):
     before = read_json(repro_repo / "metrics/train.json")
     dvc(["exp", "run", "-S", "train.lr=0.02", "-n", "lr-0.02"], repro_repo)
     after = read_json(repro_repo / "metrics/train.json")
-    assert after["val_loss"] != before["val_loss"]
+    assert after["final"]["val_loss"] != before["final"]["val_loss"]
 
     show = json.loads(dvc(["exp", "show", "--json"], repro_repo).stdout)
     flat = json.dumps(show)
@@ -75,10 +76,12 @@ def test_experiment_shows_in_exp_show_metrics_diff_and_plots_diff(repro_repo):
 
     diff = json.loads(dvc(["metrics", "diff", "--json"], repro_repo).stdout)
     assert "metrics/train.json" in diff
-    assert "val_loss" in diff["metrics/train.json"]
+    assert "final.val_loss" in diff["metrics/train.json"]
     assert "metrics/eval.json" in diff
 
-    plots = json.loads(dvc(["plots", "diff", "--json"], repro_repo).stdout)
-    assert any("roc_test.csv" in key for key in plots), list(plots)
+    plots = json.loads(dvc(["plots", "diff", "--json"], repro_repo).stdout)["data"]
+    (roc,) = plots["plots/eval/roc_test.csv"]
+    values = roc["content"]["data"]["values"]
+    assert {row["rev"] for row in values} == {"workspace", "HEAD"}  # baseline and experiment
     # no Infinity threshold in what DVC hands to Vega (breaks rendering)
-    assert "Infinity" not in json.dumps(plots)
+    assert all(math.isfinite(float(row["threshold"])) for row in values)
