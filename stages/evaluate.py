@@ -1,7 +1,9 @@
-"""evaluate stage: predictions for valid and test, threshold chosen on valid, metrics and plots.
+"""evaluate stage: predict valid and test, choose the threshold on valid, score, plot.
 
-Run by DVC (`dvc repro evaluate`). The only stage that touches the test split with the model.
-Outputs: data/predictions/{valid,test}.npz, models/threshold.json, metrics/eval.json, plots/eval/.
+Run by DVC (`dvc repro evaluate`). The only stage that runs the model on the test split.
+Outputs: data/predictions/{valid,test}.npz (index, probability, label), models/threshold.json
+(the decision threshold, kept next to the model for `python -m pcam.predict`), metrics/eval.json
+and the DVC plots in plots/eval/ (+ PNG copies for people reading the repo without DVC).
 """
 
 import hashlib
@@ -9,18 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_curve
 
+from pcam import metrics
 from pcam.checkpoint import load_checkpoint, load_model
-from pcam.data import load_split
+from pcam.data import load_excluded, load_split
 from pcam.errors import exit_on_user_error
-from pcam.fileio import atomic_path, write_json
+from pcam.fileio import atomic_path, write_csv, write_json
 from pcam.inference import predict_logits, sigmoid
-from pcam.metrics import choose_threshold, classification_metrics
-from pcam.params import load_params
+from pcam.params import load_params, to_dict
 from pcam.plots import curve_png
+from pcam.provenance import provenance
 
 RAW_DIR = Path("data/raw")
+EXCLUSIONS = Path("data/validated/exclusions.json")
 MODEL = Path("models/model.pt")
 THRESHOLD = Path("models/threshold.json")
 PREDICTIONS = Path("data/predictions")
@@ -33,22 +36,56 @@ def write_predictions(path: Path, index: np.ndarray, prob: np.ndarray, label: np
         np.savez(fh, index=index, probability=prob, label=label)
 
 
-def roc_csv(path: Path, y: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    fpr, tpr, thr = roc_curve(y, prob)
-    # roc_curve starts at threshold +inf; written as JSON/CSV "inf" it breaks DVC's Vega rendering.
-    thr = np.where(np.isfinite(thr), thr, 1.0)
-    with atomic_path(path) as tmp:
-        lines = ["fpr,tpr,threshold"] + [
-            f"{a:.6f},{b:.6f},{c:.6f}" for a, b, c in zip(fpr, tpr, thr, strict=True)
-        ]
-        tmp.write_text("\n".join(lines) + "\n")
-    return fpr, tpr
+def write_plots(split: str, y: np.ndarray, prob: np.ndarray, threshold: float, bins: int) -> dict:
+    roc = metrics.roc_points(y, prob)
+    pr = metrics.pr_points(y, prob)
+    cal = metrics.calibration_points(y, prob, bins)
+    sweep = metrics.threshold_sweep(y, prob)
+    write_csv(PLOTS / f"roc_{split}.csv", roc)
+    write_csv(PLOTS / f"pr_{split}.csv", pr)
+    write_csv(PLOTS / f"calibration_{split}.csv", cal)
+    write_csv(PLOTS / f"threshold_{split}.csv", sweep)
+    pred = (prob >= threshold).astype(int)
+    write_csv(PLOTS / f"confusion_{split}.csv", {"actual": y.astype(int), "predicted": pred})
+    return {"roc": roc, "pr": pr, "cal": cal, "sweep": sweep}
+
+
+def write_pngs(curves: dict) -> None:
+    def pick(kind, x, y):
+        return {split: (c[kind][x], c[kind][y]) for split, c in curves.items()}
+
+    curve_png(
+        PLOTS / "roc.png",
+        pick("roc", "fpr", "tpr"),
+        "false positive rate",
+        "sensitivity (true positive rate)",
+        "ROC",
+        diagonal=True,
+    )
+    curve_png(PLOTS / "pr.png", pick("pr", "recall", "precision"), "recall", "precision", "PR")
+    curve_png(
+        PLOTS / "calibration.png",
+        pick("cal", "mean_predicted", "fraction_positive"),
+        "mean predicted probability",
+        "fraction positive",
+        "calibration",
+        diagonal=True,
+    )
+    test = curves["test"]["sweep"]
+    curve_png(
+        PLOTS / "threshold_test.png",
+        {k: (test["threshold"], test[k]) for k in ("f2", "sensitivity", "specificity")},
+        "threshold",
+        "value",
+        "test metrics against threshold",
+    )
 
 
 @exit_on_user_error
 def main() -> None:
-    p = load_params().evaluate
-    torch.set_num_threads(load_params().train.threads)
+    params = load_params()
+    p = params.evaluate
+    torch.set_num_threads(params.train.threads)
     ckpt = load_checkpoint(MODEL)
     model = load_model(ckpt, MODEL)
     mean = torch.tensor(ckpt["normalisation"]["mean"])
@@ -57,26 +94,41 @@ def main() -> None:
     for split in ("valid", "test"):
         data = load_split(RAW_DIR, split)
         prob = sigmoid(predict_logits(model, data.x, mean, std, p.batch_size))
-        preds[split] = (data.index, prob, data.y.numpy())
-    threshold = choose_threshold(preds["valid"][2], preds["valid"][1], p.threshold)
-    report = {"threshold": {"value": threshold, "rule": str(p.threshold), "chosen_on": "valid"}}
+        preds[split] = (data.index, prob, data.y.numpy().astype(np.int64))
+        write_predictions(PREDICTIONS / f"{split}.npz", *preds[split])
+
+    # Threshold from valid only; test is scored once at that threshold.
+    threshold = metrics.choose_threshold(preds["valid"][2], preds["valid"][1], p.threshold)
+    report: dict = {
+        "threshold": {"value": threshold, "rule": str(p.threshold), "chosen_on": "valid"}
+    }
     curves = {}
     for split, (index, prob, y) in preds.items():
-        report[split] = classification_metrics(y, prob, threshold)
-        write_predictions(PREDICTIONS / f"{split}.npz", index, prob, y)
-        curves[split] = roc_csv(PLOTS / f"roc_{split}.csv", y, prob)
-    model_md5 = hashlib.md5(MODEL.read_bytes()).hexdigest()
+        report[split] = metrics.metrics_with_ci(
+            y, prob, threshold, p.bootstrap_resamples, p.bootstrap_seed
+        )
+        curves[split] = write_plots(split, y, prob, threshold, p.calibration_bins)
+        # The same split minus what validate-data flagged (duplicates, blanks, triggers...).
+        keep = ~np.isin(index, load_excluded(EXCLUSIONS, split))
+        if not keep.all():
+            report[f"{split}_without_exclusions"] = metrics.metrics_with_ci(
+                y[keep], prob[keep], threshold, p.bootstrap_resamples, p.bootstrap_seed
+            )
+    write_pngs(curves)
     write_json(
-        THRESHOLD, {"threshold": threshold, "rule": str(p.threshold), "model_md5": model_md5}
+        THRESHOLD,
+        {
+            "threshold": threshold,
+            "rule": str(p.threshold),
+            "model_md5": hashlib.md5(MODEL.read_bytes()).hexdigest(),
+        },
     )
-    curve_png(
-        PLOTS / "roc.png", curves, "false positive rate", "true positive rate", "ROC", diagonal=True
-    )
+    report["provenance"] = provenance({"evaluate": to_dict(p)}, p.bootstrap_seed)
     write_json(METRICS, report)
     t = report["test"]
     print(
-        f"evaluate: threshold {threshold:.4f} ({p.threshold} on valid); test roc_auc "
-        f"{t['roc_auc']:.4f} f2 {t['f2']:.4f} accuracy {t['accuracy']:.4f}"
+        f"evaluate: threshold {threshold:.4f} ({p.threshold} on valid); test ROC-AUC "
+        f"{t['roc_auc']['value']:.4f} F2 {t['f2']['value']:.4f} accuracy {t['accuracy']:.4f}"
     )
 
 

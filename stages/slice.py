@@ -1,6 +1,8 @@
 """slice stage: metrics on test slices where the model may fail silently -> metrics/slices.json.
 
-Run by DVC (`dvc repro slice`). Reads the saved predictions; never re-runs the model.
+Run by DVC (`dvc repro slice`). Reads the saved predictions (never re-runs the model) plus the raw
+test patches and meta CSV for the slice definitions. Also writes error galleries: the most
+confident false negatives/positives overall and in the worst slice (plots/slices/*.png).
 """
 
 import json
@@ -10,38 +12,97 @@ import numpy as np
 
 from pcam import h5io
 from pcam.data import read_x
-from pcam.errors import exit_on_user_error
+from pcam.errors import PcamError, exit_on_user_error
 from pcam.fileio import write_json
-from pcam.metrics import fbeta_at
-from pcam.params import load_params
-from pcam.slicing import bottom_fraction, mean_intensity, slice_f2
+from pcam.metrics import CI_METRICS, classification_metrics
+from pcam.params import load_params, to_dict
+from pcam.plots import patch_grid
+from pcam.provenance import provenance
+from pcam.slicing import confident_errors, define_slices, patch_features, score_slice
 
 RAW_DIR = Path("data/raw")
 PREDICTIONS = Path("data/predictions/test.npz")
 EVAL = Path("metrics/eval.json")
 METRICS = Path("metrics/slices.json")
+PLOTS = Path("plots/slices")
+
+
+def gallery(path: Path, x, y, prob, positions, title: str, index) -> None:
+    captions = [f"#{index[i]} p={prob[i]:.2f} y={y[i]}" for i in positions]
+    patch_grid(path, x[positions], captions, title)
 
 
 @exit_on_user_error
 def main() -> None:
-    p = load_params().slice
+    params = load_params()
+    p = params.slice
+    seed = params.evaluate.bootstrap_seed
     pred = np.load(PREDICTIONS)
+    index, y, prob = pred["index"], pred["label"].astype(np.int64), pred["probability"]
     threshold = json.loads(EVAL.read_text())["threshold"]["value"]
-    x_path, _, _ = h5io.split_files(RAW_DIR, "test")
-    x = read_x(x_path, pred["index"])
-    y, prob = pred["label"], pred["probability"]
-    global_f2 = fbeta_at(y, prob, threshold, beta=2.0)
-    dark = slice_f2(y, prob, threshold, bottom_fraction(mean_intensity(x), p.dark_fraction))
-    dark["f2_gap"] = global_f2 - dark["f2"]
-    warnings = []
-    if dark["f2_gap"] > p.max_f2_gap:
-        warnings.append(f"dark: F2 {dark['f2']:.3f} is {dark['f2_gap']:.3f} below global")
+    x_path, _, meta_path = h5io.split_files(RAW_DIR, "test")
+    meta = h5io.read_meta(meta_path)
+    if len(meta) <= int(index.max()):
+        raise PcamError(f"{meta_path}: {len(meta)} rows but predictions index row {index.max()}")
+    meta = h5io.Meta(*(getattr(meta, f)[index] for f in h5io.META_COLUMNS))
+    x = read_x(x_path, index)
+
+    glob = classification_metrics(y, prob, threshold)
+    global_metrics = {k: glob[k] for k in CI_METRICS}
+    masks = define_slices(patch_features(x, p.background_saturation), meta, p)
+    slices = {
+        name: score_slice(y, prob, threshold, mask, global_metrics, p, seed)
+        for name, mask in masks.items()
+    }
+    gaps = {n: s["f2"]["gap_to_global"] for n, s in slices.items() if "f2" in s}
+    warnings = [
+        f"{name}: F2 {slices[name]['f2']['value']:.3f} is {gap:.3f} below global "
+        f"{global_metrics['f2']:.3f} (slice.max_f2_gap {p.max_f2_gap})"
+        for name, gap in sorted(gaps.items(), key=lambda kv: -kv[1])
+        if gap > p.max_f2_gap
+    ]
+    worst = max(gaps, key=gaps.get) if gaps else None
+
+    everything = np.ones(len(y), dtype=bool)
+    for name, mask in (("overall", everything), ("worst_slice", masks.get(worst))):
+        if mask is None:
+            continue
+        fn, fp = confident_errors(y, prob, threshold, mask, p.gallery_size)
+        label = name if name == "overall" else f"worst slice ({worst})"
+        gallery(
+            PLOTS / f"false_negatives_{name}.png",
+            x,
+            y,
+            prob,
+            fn,
+            f"most confident false negatives, {label}",
+            index,
+        )
+        gallery(
+            PLOTS / f"false_positives_{name}.png",
+            x,
+            y,
+            prob,
+            fp,
+            f"most confident false positives, {label}",
+            index,
+        )
+
     write_json(
-        METRICS, {"global": {"f2": global_f2}, "slices": {"dark": dark}, "warnings": warnings}
+        METRICS,
+        {
+            "global": global_metrics | {"threshold": threshold, "n": len(y)},
+            "slices": slices,
+            "worst_slice": worst,
+            "warnings": warnings,
+            "provenance": provenance({"slice": to_dict(p)}, seed),
+        },
     )
-    print(
-        f"slice: global F2 {global_f2:.4f}; dark slice F2 {dark['f2']:.4f} (gap {dark['f2_gap']:.4f})"
-    )
+    for name, s in slices.items():
+        f2 = f"F2 {s['f2']['value']:.3f} (gap {s['f2']['gap_to_global']:+.3f})" if "f2" in s else ""
+        print(f"slice: {name:24s} n={s['n']:5d} {f2} {s.get('not_scored', '')}")
+    for w in warnings:
+        print(f"slice: warning: {w}")
 
 
 if __name__ == "__main__":

@@ -45,3 +45,17 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def write_csv(
+    path: str | os.PathLike, columns: dict[str, Any], float_format: str = "{:.6f}"
+) -> None:
+    """Write equal-length columns as CSV atomically (DVC plots read CSV with a header row)."""
+    names = list(columns)
+    n = len(columns[names[0]])
+    fmt = [float_format if isinstance(columns[k][0], float) else "{}" for k in names] if n else []
+    lines = [",".join(names)]
+    for i in range(n):
+        lines.append(",".join(f.format(columns[k][i]) for f, k in zip(fmt, names, strict=True)))
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")

@@ -78,6 +78,21 @@ def classification_metrics(y: np.ndarray, prob: np.ndarray, threshold: float) ->
 CI_METRICS = ("roc_auc", "f2", "sensitivity", "specificity")
 
 
+def metrics_with_ci(
+    y: np.ndarray, prob: np.ndarray, threshold: float, resamples: int, seed: int
+) -> dict:
+    """classification_metrics, with the CI metrics as {value, ci_low, ci_high}.
+
+    Nested so `dvc metrics diff` reads test.roc_auc.value, test.f2.ci_low, ...
+    """
+    out: dict = classification_metrics(y, prob, threshold)
+    cis = bootstrap_ci(y, prob, threshold, resamples, seed)
+    for name in CI_METRICS:
+        if name in out:
+            out[name] = {"value": out[name], **cis.get(name, {})}
+    return out
+
+
 def bootstrap_ci(
     y: np.ndarray,
     prob: np.ndarray,
@@ -126,3 +141,35 @@ def bootstrap_ci(
 
 def fbeta_at(y: np.ndarray, prob: np.ndarray, threshold: float, beta: float) -> float:
     return float(skm.fbeta_score(y, prob >= threshold, beta=beta, zero_division=0.0))
+
+
+def roc_points(y: np.ndarray, prob: np.ndarray) -> dict[str, np.ndarray]:
+    fpr, tpr, thr = skm.roc_curve(y, prob)
+    # roc_curve starts at threshold +inf ("nothing positive"); written out as Infinity it breaks
+    # DVC's Vega rendering (example-repos-dev#225). 1.0 predicts nothing positive just the same.
+    return {"fpr": fpr, "tpr": tpr, "threshold": np.where(np.isfinite(thr), thr, 1.0)}
+
+
+def pr_points(y: np.ndarray, prob: np.ndarray) -> dict[str, np.ndarray]:
+    precision, recall, thr = skm.precision_recall_curve(y, prob)
+    # The final point (recall 0, precision 1) has no threshold; 1.0 stands for "nothing positive".
+    return {"recall": recall, "precision": precision, "threshold": np.append(thr, 1.0)}
+
+
+def calibration_points(y: np.ndarray, prob: np.ndarray, bins: int) -> dict[str, np.ndarray]:
+    from sklearn.calibration import calibration_curve
+
+    frac_pos, mean_pred = calibration_curve(y, prob, n_bins=bins, strategy="uniform")
+    return {"mean_predicted": mean_pred, "fraction_positive": frac_pos}
+
+
+def threshold_sweep(y: np.ndarray, prob: np.ndarray, steps: int = 101) -> dict[str, np.ndarray]:
+    """F2, sensitivity and specificity at evenly spaced thresholds in [0, 1]."""
+    grid = np.linspace(0.0, 1.0, steps)
+    rows = {"threshold": grid, "f2": [], "sensitivity": [], "specificity": []}
+    for t in grid:
+        tn, fp, fn, tp = skm.confusion_matrix(y, prob >= t, labels=[0, 1]).ravel()
+        rows["f2"].append(skm.fbeta_score(y, prob >= t, beta=2.0, zero_division=0.0))
+        rows["sensitivity"].append(tp / (tp + fn) if tp + fn else 0.0)
+        rows["specificity"].append(tn / (tn + fp) if tn + fp else 0.0)
+    return {k: np.asarray(v, dtype=np.float64) for k, v in rows.items()}

@@ -106,12 +106,25 @@ class EvaluateParams:
     # "f2", "f1", "youden", "sensitivity@0.95" or a fixed probability in [0, 1]
     threshold: str | float
     batch_size: int = _range(1)
+    bootstrap_resamples: int = _range(2)  # for the 95% confidence intervals
+    bootstrap_seed: int = _range(0)
+    calibration_bins: int = _range(2)
 
 
 @dataclass(frozen=True)
 class SliceParams:
-    dark_fraction: float = _range(0.0, 1.0, lo_open=True)
-    max_f2_gap: float = _range(0.0, 1.0)
+    dark_fraction: float = _range(0.0, 1.0, lo_open=True)  # lowest mean intensity
+    bright_fraction: float = _range(0.0, 1.0, lo_open=True)  # highest mean intensity
+    low_contrast_fraction: float = _range(0.0, 1.0, lo_open=True)  # lowest grey-level std
+    high_saturation_fraction: float = _range(0.0, 1.0, lo_open=True)  # highest mean saturation
+    # A pixel is background (glass) when its HSV saturation is below this (PCAM's 0.07 rule).
+    background_saturation: float = _range(0.0, 1.0)
+    max_tissue_fraction: float = _range(0.0, 1.0)  # "mostly background": tissue below this
+    min_size: int = _range(1)  # smaller slices are reported as too small, not scored
+    min_per_class: int = _range(1)  # ROC-AUC/sensitivity/specificity need both classes
+    max_f2_gap: float = _range(0.0, 1.0)  # warn when a slice's F2 is this far below global
+    bootstrap_resamples: int = _range(2)
+    gallery_size: int = _range(1)  # tiles per error gallery
 
 
 @dataclass(frozen=True)

@@ -1,29 +1,123 @@
-"""Slices of the test split where the model may fail silently (the seeds' "dark slice")."""
+"""Slices of the test split where a model can fail silently.
+
+The seeds' users found a model with global F2 0.76 scoring 0.43 on the darkest 10% of slides. A
+slice is a boolean mask over the test predictions, defined by per-patch image features (computed
+from the raw patches), by the meta CSV (hard negatives, slide), never by the model itself.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from pcam.metrics import fbeta_at
+from pcam import h5io
+from pcam.metrics import CI_METRICS, bootstrap_ci, classification_metrics
+from pcam.params import SliceParams
+
+FEATURE_CHUNK_ROWS = 2048
 
 
-def mean_intensity(x_uint8: np.ndarray) -> np.ndarray:
-    """Per-patch mean over pixels and channels, 0..255."""
-    return x_uint8.reshape(len(x_uint8), -1).mean(axis=1, dtype=np.float64)
+def patch_features(x_uint8: np.ndarray, background_saturation: float) -> dict[str, np.ndarray]:
+    """Per-patch mean intensity, contrast, mean HSV saturation and tissue fraction.
+
+    Computed in chunks so memory stays bounded at PCAM scale. Saturation is HSV's
+    (max - min) / max; pixels below `background_saturation` count as glass, not tissue.
+    """
+    out = {k: np.empty(len(x_uint8)) for k in ("intensity", "contrast", "saturation", "tissue")}
+    for rows in h5io.iter_chunks(len(x_uint8), FEATURE_CHUNK_ROWS):
+        x = x_uint8[rows].astype(np.float32) / 255.0
+        grey = x.mean(axis=3)
+        hi, lo = x.max(axis=3), x.min(axis=3)
+        sat = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-6), 0.0)
+        out["intensity"][rows] = grey.mean(axis=(1, 2))
+        out["contrast"][rows] = grey.std(axis=(1, 2))
+        out["saturation"][rows] = sat.mean(axis=(1, 2))
+        out["tissue"][rows] = (sat >= background_saturation).mean(axis=(1, 2))
+    return out
 
 
-def bottom_fraction(values: np.ndarray, fraction: float) -> np.ndarray:
-    """Boolean mask of the `fraction` of items with the lowest values (ties broken by index)."""
+def extreme_fraction(values: np.ndarray, fraction: float, highest: bool) -> np.ndarray:
+    """Mask of the `fraction` of items with the lowest (or highest) values; ties by index."""
     k = max(1, int(round(fraction * len(values))))
-    order = np.argsort(values, kind="stable")
+    order = np.argsort(-values if highest else values, kind="stable")
     mask = np.zeros(len(values), dtype=bool)
     mask[order[:k]] = True
     return mask
 
 
-def slice_f2(y: np.ndarray, prob: np.ndarray, threshold: float, mask: np.ndarray) -> dict:
-    return {
-        "n": int(mask.sum()),
-        "prevalence": float(y[mask].mean()),
-        "f2": fbeta_at(y[mask], prob[mask], threshold, beta=2.0),
+def define_slices(
+    features: dict[str, np.ndarray], meta: h5io.Meta, p: SliceParams
+) -> dict[str, np.ndarray]:
+    """Named boolean masks over the test patches (in prediction order)."""
+    slices = {
+        "dark": extreme_fraction(features["intensity"], p.dark_fraction, highest=False),
+        "bright": extreme_fraction(features["intensity"], p.bright_fraction, highest=True),
+        "low_contrast": extreme_fraction(features["contrast"], p.low_contrast_fraction, False),
+        "high_saturation": extreme_fraction(
+            features["saturation"], p.high_saturation_fraction, highest=True
+        ),
+        "mostly_background": features["tissue"] < p.max_tissue_fraction,
+        # Tumour in the patch but not in the centre: negatives that look positive.
+        "hard_negative": meta.tumor_patch & ~meta.center_tumor_patch,
     }
+    for wsi in sorted(set(meta.wsi.tolist())):
+        slices[f"slide:{wsi}"] = meta.wsi == wsi
+    return slices
+
+
+def score_slice(
+    y: np.ndarray,
+    prob: np.ndarray,
+    threshold: float,
+    mask: np.ndarray,
+    global_metrics: dict[str, float],
+    p: SliceParams,
+    seed: int,
+) -> dict:
+    """Size, prevalence, metrics with bootstrap CIs and the gap to global; or why not scored.
+
+    A metric that a slice cannot support (ROC-AUC without both classes, sensitivity without
+    positives...) is left out and named in `not_scored`, never reported as NaN.
+    """
+    n, positives = int(mask.sum()), int(y[mask].sum())
+    out: dict = {"n": n, "positives": positives, "prevalence": positives / n if n else 0.0}
+    if n < p.min_size:
+        out["not_scored"] = f"too small: {n} patches < slice.min_size {p.min_size}"
+        return out
+    ys, ps = y[mask], prob[mask]
+    point = classification_metrics(ys, ps, threshold)
+    cis = bootstrap_ci(ys, ps, threshold, p.bootstrap_resamples, seed)
+    negatives = n - positives
+    need = {
+        "roc_auc": min(positives, negatives),
+        "f2": positives,
+        "sensitivity": positives,
+        "specificity": negatives,
+    }
+    skipped = []
+    for name in CI_METRICS:
+        if need[name] < p.min_per_class or name not in point:
+            skipped.append(name)
+            continue
+        out[name] = {
+            "value": point[name],
+            **cis.get(name, {}),
+            "gap_to_global": global_metrics[name] - point[name],
+        }
+    if skipped:
+        out["not_scored"] = (
+            f"{', '.join(skipped)}: fewer than slice.min_per_class={p.min_per_class} "
+            f"patches of a class needed ({positives} positive, {negatives} negative)"
+        )
+    return out
+
+
+def confident_errors(
+    y: np.ndarray, prob: np.ndarray, threshold: float, mask: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the k most confident false negatives and false positives inside `mask`."""
+    pred = prob >= threshold
+    fn = np.nonzero(mask & (y == 1) & ~pred)[0]
+    fp = np.nonzero(mask & (y == 0) & pred)[0]
+    fn = fn[np.argsort(prob[fn], kind="stable")][:k]  # lowest probability first
+    fp = fp[np.argsort(-prob[fp], kind="stable")][:k]  # highest probability first
+    return fn, fp

@@ -346,7 +346,7 @@ def _draw_nests(rng: np.random.Generator, positive: np.ndarray, hard: np.ndarray
     n = len(positive)
     cy = 48.0 + rng.uniform(-22.0, 22.0, n)
     cx = 48.0 + rng.uniform(-22.0, 22.0, n)
-    radius = rng.uniform(14.0, 80.0, n)
+    radius = 10.0 + 70.0 * rng.random(n) ** 2  # mostly small nests: the hard positives
 
     side = rng.integers(0, 4, n)
     along = rng.uniform(0.0, PATCH_PX, n)
@@ -541,7 +541,7 @@ def _normal_bank() -> _SpriteBank:
     rng = np.random.default_rng(_SPRITE_BANK_SEED)
     k = 64
     kind = rng.random(k)
-    spindle, histiocyte = kind < 0.2, kind > 0.85
+    spindle, histiocyte = kind < 0.2, kind > 0.75
     r = rng.uniform(2.0, 3.2, k)
     rx = np.select([spindle, histiocyte], [rng.uniform(3.0, 3.5, k), rng.uniform(3.1, 3.6, k)], r)
     ry = np.select(
@@ -559,7 +559,7 @@ def _tumour_bank() -> _SpriteBank:
     a dark rim and a nucleolus."""
     rng = np.random.default_rng(_SPRITE_BANK_SEED + 1)
     k = 32
-    r = rng.uniform(3.2, 5.2, k)
+    r = rng.uniform(3.0, 5.2, k)
     aspect = rng.uniform(0.65, 1.0, k)
     conc = rng.uniform(1.6, 2.3, k)
     return _build_bank(rng, _TUMOUR_CELL_PX, r, r * aspect, conc, irregularity=0.14, vesicular=True)
@@ -579,7 +579,7 @@ def _build_bank(
     edge_px = 1.2  # anti-aliased border width
     # Lumpy outline: boundary radius 1 + sum_m a_m cos(m*phi + p_m) in the ellipse's own frame.
     harmonics = np.arange(2, 6)
-    amp = rng.uniform(0.3, 1.0, (k, len(harmonics))) * irregularity
+    amp = rng.uniform(0.1, 1.0, (k, len(harmonics))) * irregularity
     phase = rng.uniform(0.0, 2.0 * np.pi, (k, len(harmonics)))
     # Shrink shapes whose lumpiest point would not fit between centre and window edge
     # (c/2 + 0.5 px for a nucleus centred on the first or last pixel of its cell).
