@@ -36,8 +36,9 @@ def main() -> None:
     params = load_params()
     p = params.train
     mean, std = load_stats(STATS)
-    train_split = load_split(RAW_DIR, "train", EXCLUSIONS)
-    valid_split = load_split(RAW_DIR, "valid")
+    budget = params.data.memory_budget_gb
+    train_split = load_split(RAW_DIR, "train", EXCLUSIONS, budget)
+    valid_split = load_split(RAW_DIR, "valid", memory_budget_gb=budget)
     device = resolve_device(p.device)
     prov = provenance({"data": to_dict(params.data), "train": to_dict(p)}, p.seed, device)
     resuming = (p.resume or os.environ.get(RESUME_ENV) == "1") and MODEL.is_file()

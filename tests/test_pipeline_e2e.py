@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
+from sklearn import metrics as skm
 
 from pcam import h5io
 from tests.e2e import TINY, copy_repo, dvc, read_json, run
@@ -50,7 +52,7 @@ def test_repro_writes_every_declared_output(repro_repo):
     ):
         assert (repro_repo / rel).is_file(), rel
     ev = read_json(repro_repo / "metrics/eval.json")
-    assert 0.0 <= ev["test"]["roc_auc"] <= 1.0
+    assert 0.0 <= ev["test"]["roc_auc"]["value"] <= 1.0
     assert ev["threshold"]["chosen_on"] == "valid"
     # second repro: nothing to do, everything is cached and current
     again = dvc(["repro"], repro_repo)
@@ -77,7 +79,7 @@ def test_experiment_shows_in_exp_show_metrics_diff_and_plots_diff(repro_repo):
     diff = json.loads(dvc(["metrics", "diff", "--json"], repro_repo).stdout)
     assert "metrics/train.json" in diff
     assert "final.val_loss" in diff["metrics/train.json"]
-    assert "metrics/eval.json" in diff
+    assert "metrics/eval.json" in diff and "metrics/slices.json" in diff
 
     plots = json.loads(dvc(["plots", "diff", "--json"], repro_repo).stdout)["data"]
     (roc,) = plots["plots/eval/roc_test.csv"]
@@ -85,3 +87,38 @@ def test_experiment_shows_in_exp_show_metrics_diff_and_plots_diff(repro_repo):
     assert {row["rev"] for row in values} == {"workspace", "HEAD"}  # baseline and experiment
     # no Infinity threshold in what DVC hands to Vega (breaks rendering)
     assert all(math.isfinite(float(row["threshold"])) for row in values)
+
+
+def test_reported_test_metrics_recompute_from_saved_predictions(repro_repo):
+    """An independent check: every test metric in eval.json, recomputed from the saved
+    predictions with scikit-learn (ECE with a direct numpy formula), gives the same value."""
+    ev = read_json(repro_repo / "metrics/eval.json")
+    saved = np.load(repro_repo / "data/predictions/test.npz")
+    y, prob = saved["label"].astype(int), saved["probability"]
+    t = ev["threshold"]["value"]
+    pred = prob >= t
+    bins = np.minimum((prob * 15).astype(int), 14)
+    ece = sum(abs(y[bins == b].sum() - prob[bins == b].sum()) for b in range(15)) / len(y)
+    expected = {
+        "roc_auc": skm.roc_auc_score(y, prob),
+        "pr_auc": skm.average_precision_score(y, prob),
+        "accuracy": skm.accuracy_score(y, pred),
+        "balanced_accuracy": skm.balanced_accuracy_score(y, pred),
+        "sensitivity": skm.recall_score(y, pred),
+        "specificity": skm.recall_score(y, pred, pos_label=0),
+        "precision": skm.precision_score(y, pred, zero_division=0.0),
+        "f1": skm.f1_score(y, pred),
+        "f2": skm.fbeta_score(y, pred, beta=2),
+        "brier": skm.brier_score_loss(y, prob),
+        "nll": skm.log_loss(y, np.clip(prob, 1e-7, 1 - 1e-7)),
+        "ece": ece,
+    }
+    for name, value in expected.items():
+        reported = ev["test"][name]
+        reported = reported["value"] if isinstance(reported, dict) else reported
+        assert reported == pytest.approx(value, abs=1e-12), name
+    # the threshold came from valid: on valid it maximises F2 (the configured rule)
+    val = np.load(repro_repo / "data/predictions/valid.npz")
+    yv, pv = val["label"].astype(int), val["probability"]
+    f2_at_t = skm.fbeta_score(yv, pv >= t, beta=2)
+    assert all(f2_at_t >= skm.fbeta_score(yv, pv >= c, beta=2) - 1e-12 for c in np.unique(pv))

@@ -197,3 +197,30 @@ def test_checkpoint_loads_with_weights_only(tmp_path, splits):
         torch.save({"x": object()}, bad)
         bad.seek(0)
         torch.load(bad, weights_only=True)
+
+
+def test_streamed_split_reads_like_resident_and_trains(tmp_path, splits):
+    from pcam import h5io
+    from pcam.data import StreamedX, load_split
+    from tests.conftest import make_meta
+
+    train_split, valid_split = splits
+    x, y = train_split.x.numpy(), train_split.y.numpy()
+    h5io.write_split(tmp_path, "train", x, y, make_meta(len(y), y))
+    resident = load_split(tmp_path, "train")
+    streamed = load_split(tmp_path, "train", memory_budget_gb=1e-6)
+    assert isinstance(streamed.x, StreamedX) and isinstance(resident.x, torch.Tensor)
+    streamed.x.block_rows = 16  # several blocks even for this tiny split
+    idx = torch.tensor([70, 3, 17, 16, 79, 0])
+    assert torch.equal(streamed.x[idx], resident.x[idx])
+    assert torch.equal(streamed.x[10:40], resident.x[10:40])
+
+    order = epoch_order("shuffle", streamed.y, torch.Generator().manual_seed(0), block_rows=16)
+    assert sorted(order.tolist()) == list(range(len(y)))
+    blocks = (order // 16).tolist()
+    # each block's samples come together: the block id changes exactly n_blocks - 1 times
+    assert sum(a != b for a, b in zip(blocks, blocks[1:], strict=False)) == 80 // 16 - 1
+
+    p = params(epochs=1)
+    prog = train(p, streamed, valid_split, MEAN, STD, tmp_path / "m.pt", prov(p))
+    assert prog.finished and prog.history[0]["val_roc_auc"] > 0.5

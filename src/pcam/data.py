@@ -26,7 +26,7 @@ class Split:
     """One split in memory: x (N,96,96,3) uint8 NHWC, y (N,) uint8, and the original indices."""
 
     name: str
-    x: torch.Tensor
+    x: torch.Tensor | StreamedX
     y: torch.Tensor
     index: np.ndarray  # row of each sample in the original file (survives exclusions)
 
@@ -35,26 +35,71 @@ class Split:
 
 
 def read_x(path: str | os.PathLike, rows: np.ndarray | None = None) -> np.ndarray:
-    """Read an x file into one uint8 array with contiguous slices; `rows` keeps a subset (sorted)."""
+    """Read an x file into one uint8 array with contiguous slices; `rows` keeps a sorted subset."""
     f, ds = h5io.open_dataset(path, "x")
     with f:
         if ds.dtype != np.uint8 or ds.shape[1:] != h5io.PATCH_SHAPE:
             raise PcamError(
                 f"{path}: dataset 'x' is {ds.shape} {ds.dtype}, expected (N,96,96,3) uint8"
             )
-        n = ds.shape[0]
-        keep = np.arange(n) if rows is None else rows
+        keep = np.arange(ds.shape[0]) if rows is None else np.asarray(rows)
         out = np.empty((len(keep),) + h5io.PATCH_SHAPE, dtype=np.uint8)
+        if len(keep) == 0:
+            return out
+        if keep[-1] >= ds.shape[0]:
+            raise PcamError(f"{path}: row {keep[-1]} requested, the file has {ds.shape[0]}")
         done = 0
-        for sl in h5io.iter_chunks(n, READ_CHUNK_ROWS):
-            # Read the whole contiguous chunk, then select: fast even when a few rows are excluded.
-            sel = keep[(keep >= sl.start) & (keep < sl.stop)]
-            if len(sel) == 0:
-                continue
-            block = h5io.read_rows(ds, sl, path)
-            out[done : done + len(sel)] = block[sel - sl.start]
-            done += len(sel)
+        first, stop = int(keep[0]), int(keep[-1]) + 1
+        for start in range(first, stop, READ_CHUNK_ROWS):
+            # Read a whole contiguous window, then select: fast even when some rows are excluded.
+            window = slice(start, min(stop, start + READ_CHUNK_ROWS))
+            sel = keep[(keep >= window.start) & (keep < window.stop)]
+            if len(sel):
+                block = h5io.read_rows(ds, window, path)
+                out[done : done + len(sel)] = block[sel - window.start]
+                done += len(sel)
     return out
+
+
+class StreamedX:
+    """An x split too large for data.memory_budget_gb, read from HDF5 in contiguous blocks.
+
+    Indexing with positions (a tensor, array or slice) returns a uint8 tensor like the resident
+    tensor would. Positions are grouped in blocks of `block_rows`; the two most recent blocks are
+    cached, so a block-ordered epoch (see training.epoch_order) reads each block once.
+    """
+
+    def __init__(self, path: Path, rows: np.ndarray, block_rows: int):
+        self.path, self.rows, self.block_rows = path, rows, block_rows
+        self.shape = (len(rows),) + h5io.PATCH_SHAPE
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _block(self, b: int) -> torch.Tensor:
+        if b not in self._cache:
+            if len(self._cache) >= 2:
+                self._cache.pop(next(iter(self._cache)))
+            lo = b * self.block_rows
+            self._cache[b] = torch.from_numpy(
+                read_x(self.path, self.rows[lo : lo + self.block_rows])
+            )
+        return self._cache[b]
+
+    def __getitem__(self, positions) -> torch.Tensor:
+        if isinstance(positions, slice):
+            positions = torch.arange(len(self))[positions]
+        positions = torch.as_tensor(positions, dtype=torch.long).cpu()
+        out = torch.empty((len(positions),) + h5io.PATCH_SHAPE, dtype=torch.uint8)
+        blocks = positions // self.block_rows
+        for b in torch.unique(blocks).tolist():
+            sel = (blocks == b).nonzero().flatten()
+            out[sel] = self._block(b)[positions[sel] - b * self.block_rows]
+        return out
+
+
+STREAM_BLOCK_ROWS = 4096  # 108 MiB of uint8 per block; two are cached
 
 
 def load_excluded(exclusions_path: str | os.PathLike | None, split: str) -> np.ndarray:
@@ -67,15 +112,23 @@ def load_excluded(exclusions_path: str | os.PathLike | None, split: str) -> np.n
 
 
 def load_split(
-    raw_dir: str | os.PathLike, split: str, exclusions_path: str | os.PathLike | None = None
+    raw_dir: str | os.PathLike,
+    split: str,
+    exclusions_path: str | os.PathLike | None = None,
+    memory_budget_gb: float | None = None,
 ) -> Split:
-    """Load one split into memory, minus the indices validate-data excluded."""
+    """One split minus the indices validate-data excluded: resident in memory, or streamed when
+    its uint8 size exceeds `memory_budget_gb`."""
     xp, yp, _ = h5io.split_files(raw_dir, split)
     y_all = h5io.read_labels(yp)
     excluded = load_excluded(exclusions_path, split)
     keep = np.setdiff1d(np.arange(len(y_all)), excluded)
-    x = read_x(xp, keep)
-    return Split(split, torch.from_numpy(x), torch.from_numpy(y_all[keep]), keep)
+    size_gb = len(keep) * int(np.prod(h5io.PATCH_SHAPE)) / 1e9
+    if memory_budget_gb is not None and size_gb > memory_budget_gb:
+        x = StreamedX(Path(xp), keep, STREAM_BLOCK_ROWS)
+    else:
+        x = torch.from_numpy(read_x(xp, keep))
+    return Split(split, x, torch.from_numpy(y_all[keep]), keep)
 
 
 def load_stats(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:

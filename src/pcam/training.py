@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pcam.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
-from pcam.data import Split, color_jitter, flip_rotate, standardise, to_unit
+from pcam.data import Split, StreamedX, color_jitter, flip_rotate, standardise, to_unit
 from pcam.errors import PcamError
 from pcam.inference import predict_logits, sigmoid
 from pcam.models import build_model, init_weights, model_config
@@ -70,17 +70,27 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
 
-def epoch_order(sampler: str, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def epoch_order(
+    sampler: str, y: torch.Tensor, gen: torch.Generator, block_rows: int | None = None
+) -> torch.Tensor:
     """Sample indices for one epoch: a permutation, or a class-balanced draw with replacement.
 
     `weighted` is the seeds' WeightedRandomSampler: each class gets half the draws in expectation.
+    With `block_rows` (a streamed split), the draws are regrouped block by block in a random
+    block order, so each contiguous HDF5 block is read once per epoch.
     """
     n = len(y)
     if sampler == "shuffle":
-        return torch.randperm(n, generator=gen, device=y.device)
-    counts = torch.bincount(y.long(), minlength=2).clamp_min(1).to(torch.float64)
-    weights = (1.0 / counts)[y.long()]
-    return torch.multinomial(weights, n, replacement=True, generator=gen)
+        order = torch.randperm(n, generator=gen, device=y.device)
+    else:
+        counts = torch.bincount(y.long(), minlength=2).clamp_min(1).to(torch.float64)
+        weights = (1.0 / counts)[y.long()]
+        order = torch.multinomial(weights, n, replacement=True, generator=gen)
+    if block_rows:
+        n_blocks = (n + block_rows - 1) // block_rows
+        block_rank = torch.randperm(n_blocks, generator=gen, device=y.device)[order // block_rows]
+        order = order[torch.sort(block_rank, stable=True).indices]
+    return order
 
 
 def make_optimizer(p: TrainParams, model: nn.Module) -> torch.optim.Optimizer:
@@ -237,7 +247,10 @@ def train(
     scheduler = make_scheduler(p, optimizer, steps_per_epoch)
     per_step_scheduler = p.scheduler in ("cosine", "onecycle")
     loss_fn = nn.BCEWithLogitsLoss()
-    x_all, y_all = train_split.x.to(device), train_split.y.to(device)
+    streamed = isinstance(train_split.x, StreamedX)
+    x_all = train_split.x if streamed else train_split.x.to(device)
+    y_all = train_split.y.to(device)
+    block_rows = train_split.x.block_rows if streamed else None
     mean, std = mean.to(device), std.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.precision == "bf16")
 
@@ -257,7 +270,7 @@ def train(
     with stop_on_signals() as stop:
         for epoch in range(prog.epoch, p.epochs):
             gen = epoch_generator(p.seed, epoch, device)
-            order = epoch_order(p.sampler, y_all, gen)
+            order = epoch_order(p.sampler, y_all, gen, block_rows)
             if prog.gen_state is not None:  # resuming inside this epoch
                 gen.set_state(prog.gen_state)
             model.train()
@@ -270,7 +283,8 @@ def train(
             )
             for b in bar:
                 idx = order[b * p.batch_size : (b + 1) * p.batch_size]
-                xb = flip_rotate(x_all[idx], gen, p.augment.flips, p.augment.rot90)
+                xb = x_all[idx].to(device)  # no-op when resident on the device already
+                xb = flip_rotate(xb, gen, p.augment.flips, p.augment.rot90)
                 xb = to_unit(xb)
                 if p.augment.color_jitter > 0:
                     xb = color_jitter(xb, gen, p.augment.color_jitter)
