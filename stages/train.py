@@ -3,11 +3,19 @@
 Run by DVC (`dvc repro train`, `dvc exp run -S train.lr=1e-4`). On SIGTERM/SIGUSR1 (SLURM's
 warning before a time limit) it saves a checkpoint and exits 75; run again with
 PCAM_RESUME=1 (or train.resume: true) to continue where it stopped, with identical results.
+
+Multi-process: with train.devices > 1 this script spawns that many DistributedDataParallel
+ranks itself (gloo on CPU, nccl on GPU); under `torchrun` or `srun` (WORLD_SIZE and RANK set)
+each launched process is one rank. Rank 0 alone writes the outputs.
 """
 
 import os
+import socket
 import sys
 from pathlib import Path
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from dvclive import Live
 from pcam.data import load_split, load_stats
@@ -31,42 +39,83 @@ METRICS = Path("metrics/train.json")
 LIVE_DIR = Path("dvclive")
 
 
-@exit_on_user_error
-def main() -> None:
+def run_rank(rank: int, world: int) -> None:
     params = load_params()
     p = params.train
+    if world > 1:
+        backend = "nccl" if resolve_device(p.device).type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world)
     mean, std = load_stats(STATS)
     budget = params.data.memory_budget_gb
     train_split = load_split(RAW_DIR, "train", EXCLUSIONS, budget)
     valid_split = load_split(RAW_DIR, "valid", memory_budget_gb=budget)
     device = resolve_device(p.device)
     prov = provenance({"data": to_dict(params.data), "train": to_dict(p)}, p.seed, device)
+    prov["world_size"] = world
     resuming = (p.resume or os.environ.get(RESUME_ENV) == "1") and MODEL.is_file()
     # dvcyaml=False/save_dvc_exp=False: dvc.yaml declares these files; DVCLive must not rewrite it
     # or create stray experiments when this script runs outside `dvc exp run`.
-    with Live(dir=str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False, resume=resuming) as live:
-        try:
-            prog = train(p, train_split, valid_split, mean, std, MODEL, prov, live)
-        except TrainingInterrupted as stop:
+    live = (
+        Live(dir=str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False, resume=resuming)
+        if rank == 0
+        else None
+    )
+    try:
+        prog = train(p, train_split, valid_split, mean, std, MODEL, prov, live, rank, world)
+    except TrainingInterrupted as stop:
+        if rank == 0:
             print(
                 f"train: stopped by {stop}; checkpoint saved to {MODEL}. Resume with "
                 f"{RESUME_ENV}=1 (or train.resume: true).",
                 file=sys.stderr,
             )
-            sys.exit(EXIT_INTERRUPTED)
-    last = prog.history[-1]
-    write_json(
-        METRICS,
-        {
-            "epochs_run": prog.epoch,
-            "stopped_early": prog.stopped_early,
-            "best_epoch": prog.best_epoch,
-            "best_val_roc_auc": prog.best_roc_auc,
-            "final": {k: last[k] for k in ("train_loss", "val_loss", "val_roc_auc", "val_f2")},
-            "n_train": len(train_split),
-            "provenance": prov,
-        },
-    )
+        sys.exit(EXIT_INTERRUPTED)
+    finally:
+        if live is not None:
+            live.end()
+        if world > 1:
+            dist.destroy_process_group()
+    if rank == 0:
+        last = prog.history[-1]
+        write_json(
+            METRICS,
+            {
+                "epochs_run": prog.epoch,
+                "stopped_early": prog.stopped_early,
+                "best_epoch": prog.best_epoch,
+                "best_val_roc_auc": prog.best_roc_auc,
+                "final": {k: last[k] for k in ("train_loss", "val_loss", "val_roc_auc", "val_f2")},
+                "n_train": len(train_split),
+                "provenance": prov,
+            },
+        )
+
+
+@exit_on_user_error
+def spawned_rank(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    run_rank(rank, world)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@exit_on_user_error
+def main() -> None:
+    if "WORLD_SIZE" in os.environ:  # launched by torchrun / srun: this process is one rank
+        run_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+        return
+    devices = load_params().train.devices
+    if devices == 1:
+        run_rank(0, 1)
+        return
+    try:
+        mp.spawn(spawned_rank, args=(devices, free_port()), nprocs=devices)
+    except mp.ProcessExitedException as err:
+        sys.exit(err.exit_code if err.exit_code else 1)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pcam.checkpoint import load_checkpoint, load_model, load_state_strict, save_checkpoint
-from pcam.data import Split, flip_rotate
+from pcam.data import Split, draw_flip_rotate, flip_rotate
 from pcam.errors import PcamError
 from pcam.models import build_model
 from pcam.params import load_params, to_dict
@@ -178,11 +178,14 @@ def test_weighted_sampler_balances_classes():
 
 def test_flip_rotate_only_moves_pixels():
     x = torch.randint(0, 256, (64, 96, 96, 3), dtype=torch.uint8)
-    out = flip_rotate(x, torch.Generator().manual_seed(0), flips=True, rot90=True)
+    codes = draw_flip_rotate(torch.Generator().manual_seed(0), 64, True, True, "cpu")
+    out = flip_rotate(x, codes)
     assert not torch.equal(out, x)
     for a, b in zip(x, out, strict=True):
         assert torch.equal(a.flatten().sort().values, b.flatten().sort().values)
-    off = flip_rotate(x, torch.Generator().manual_seed(0), flips=False, rot90=False)
+    off_codes = draw_flip_rotate(torch.Generator().manual_seed(0), 64, False, False, "cpu")
+    assert (off_codes == 0).all()
+    off = flip_rotate(x, off_codes)
     assert torch.equal(off, x)
 
 

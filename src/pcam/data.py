@@ -157,18 +157,25 @@ def normalise(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
     return standardise(to_unit(x_uint8), mean, std)
 
 
-def flip_rotate(x_uint8: torch.Tensor, generator: torch.Generator, flips: bool, rot90: bool):
-    """Random flips and 90-degree rotations of a uint8 NHWC batch (train only).
+def draw_flip_rotate(generator: torch.Generator, n: int, flips: bool, rot90: bool, device):
+    """One code in 0..7 per sample: bit 2 = flip, bits 0-1 = number of 90-degree turns.
 
-    Tissue has no canonical orientation, so these are label-preserving. One draw per sample from
-    `generator` (always made, even when a switch is off) keeps the random stream, and so every
-    later draw, independent of which augmentations are on.
+    Drawn even when a switch is off, so the random stream (and every later draw) does not depend
+    on which augmentations are on.
     """
-    codes = torch.randint(0, 8, (x_uint8.shape[0],), generator=generator, device=x_uint8.device)
+    codes = torch.randint(0, 8, (n,), generator=generator, device=device)
     if not flips:
         codes &= 3
     if not rot90:
         codes &= 4
+    return codes
+
+
+def flip_rotate(x_uint8: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Flip/rotate each patch of a uint8 NHWC batch by its code (train only).
+
+    Tissue has no canonical orientation, so these are label-preserving.
+    """
     out = x_uint8.clone()
     for code in range(1, 8):
         idx = (codes == code).nonzero().flatten()
@@ -181,13 +188,12 @@ def flip_rotate(x_uint8: torch.Tensor, generator: torch.Generator, flips: bool, 
     return out
 
 
-def color_jitter(x: torch.Tensor, generator: torch.Generator, strength: float) -> torch.Tensor:
-    """Mild per-sample brightness and per-channel stain scaling of a float NHWC batch in [0, 1].
+def draw_color_jitter(generator: torch.Generator, n: int, strength: float, device) -> torch.Tensor:
+    """Per-sample factors (n,1,1,3): brightness in [1-s, 1+s] times per-channel [1-s/2, 1+s/2]."""
+    u = torch.rand((n, 1, 1, 4), generator=generator, device=device) * 2 - 1
+    return (1 + strength * u[..., :1]) * (1 + 0.5 * strength * u[..., 1:])
 
-    Mimics slide-to-slide stain variation. strength 0.1 scales by a factor in [0.9, 1.1].
-    """
-    n = x.shape[0]
-    u = torch.rand((n, 1, 1, 4), generator=generator, device=x.device) * 2 - 1
-    brightness = 1 + strength * u[..., :1]
-    per_channel = 1 + 0.5 * strength * u[..., 1:]
-    return (x * brightness * per_channel).clamp_(0.0, 1.0)
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Scale a float NHWC batch in [0, 1] by per-sample factors: mimics stain variation."""
+    return (x * factors).clamp_(0.0, 1.0)

@@ -95,6 +95,9 @@ class TrainParams:
     augment: AugmentParams
     resume: bool  # continue from models/model.pt (or set PCAM_RESUME=1, for cluster jobs)
     device: Literal["auto", "cpu", "cuda"]
+    # Processes for DistributedDataParallel (nccl on GPU, gloo on CPU); 1 = a single process.
+    # Under torchrun/srun (WORLD_SIZE set) the launcher's world size is used instead.
+    devices: int = _range(1)
     precision: Literal["fp32", "bf16"]  # bf16 = autocast
     channels_last: bool
     compile: bool  # torch.compile the model

@@ -9,11 +9,14 @@ Every later stage (validation, training, evaluation, slicing) runs on these patc
   (some clearly darker) dominates a patch's mean colour, as it does in real PCAM.
 - Pink, textured eosin stroma; small dark round/spindle nuclei; white glass (fat holes, tissue
   edges).
-- Tumour: clusters of larger, darker, irregular, crowded nuclei. Label 1 iff a tumour nucleus
-  touches the centre 32x32 px. Hard negatives carry tumour only in the outer ring.
+- Tumour: nests of larger, irregular (lumpy, varied size), crowded nuclei with a dark rim,
+  coarse chromatin and a nucleolus. Label 1 iff a tumour nucleus touches the centre 32x32 px;
+  hard negatives carry tumour only in the outer ring. Blur (out-of-focus patches), pale large
+  normal nuclei (histiocytes) and small nests keep the task from being trivial.
 - Tumour does not give itself away through mean colour: each patch draws a label-independent
-  target for its total haematoxylin, and normal nuclei fill whatever tumour nuclei leave of it.
-  Telling tumour from dense normal tissue needs nucleus size and shape, i.e. a CNN.
+  target for its total haematoxylin, and normal nuclei fill whatever tumour nuclei leave of it;
+  glass and eosin are label-independent too. Telling tumour from dense normal tissue needs
+  nucleus size and shape, i.e. a CNN (a logistic regression on mean RGB stays near chance).
 
 Generation is vectorised over chunks of patches; nuclei are stamped from precomputed sprite banks
 on a jittered lattice (one nucleus at most per lattice cell), which needs no per-nucleus loop.
@@ -51,11 +54,14 @@ _TUMOUR_SHIFTS_PX = (0, _TUMOUR_CELL_PX // 2)
 # positive by construction.
 _CENTRE_CELLS = (3, 4)
 
-# Patches per vectorised chunk: big enough to amortise numpy overhead, small enough that the
-# float32 temporaries (~40 MiB) stay in cache-friendly sizes. Fixed, so output is deterministic.
+# Patches per vectorised chunk: big enough to amortise numpy's per-call overhead, small enough
+# to bound the float32 temporaries (~100 MiB). Fixed: the RNG stream depends on it.
 _CHUNK_PATCHES = 256
 # Fixed seed of the sprite banks: nucleus shapes are part of the generator, not of the data seed.
 _SPRITE_BANK_SEED = 20240611
+# Stream tags mixed into the seed, so a one-slide split's patch stream and that slide's stain
+# stream never coincide.
+_PATCH_STREAM, _SLIDE_STREAM = 0, 1
 
 
 @dataclass(frozen=True)
@@ -133,7 +139,9 @@ def _generate(
         raise ValueError(f"seed must be >= 0, got {seed}")
 
     slide_ids = [str(s) for s in slide_ids]
-    rng = np.random.default_rng(np.random.SeedSequence([seed, *_ids_entropy(slide_ids)]))
+    rng = np.random.default_rng(
+        np.random.SeedSequence([seed, _PATCH_STREAM, *_ids_entropy(slide_ids)])
+    )
     slides = _draw_slides(seed, slide_ids)
 
     n_pos = n // 2
@@ -181,7 +189,9 @@ def _draw_slides(seed: int, slide_ids: Sequence[str]) -> _Slides:
     """Each slide's staining depends only on (seed, its id), not on which other slides exist."""
     rows = []
     for sid in slide_ids:
-        r = np.random.default_rng(np.random.SeedSequence([seed, *_ids_entropy([sid])]))
+        r = np.random.default_rng(
+            np.random.SeedSequence([seed, _SLIDE_STREAM, *_ids_entropy([sid])])
+        )
         h_od = _H_OD_REF * r.uniform(0.85, 1.15, 3)
         e_od = _E_OD_REF * r.uniform(0.85, 1.15, 3)
         # Thick or over-stained sections: about one slide in five is markedly darker, which is

@@ -21,12 +21,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from sklearn.metrics import fbeta_score, roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
 from pcam.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
-from pcam.data import Split, StreamedX, color_jitter, flip_rotate, standardise, to_unit
+from pcam.data import (
+    Split,
+    StreamedX,
+    color_jitter,
+    draw_color_jitter,
+    draw_flip_rotate,
+    flip_rotate,
+    standardise,
+    to_unit,
+)
 from pcam.errors import PcamError
 from pcam.inference import predict_logits, sigmoid
 from pcam.models import build_model, init_weights, model_config
@@ -225,25 +235,38 @@ def train(
     out_path: str | os.PathLike,
     provenance: dict,
     live=None,
+    rank: int = 0,
+    world: int = 1,
 ) -> Progress:
     """Train to p.epochs (or early stop); checkpoint at every epoch end and on SIGTERM/SIGUSR1.
 
     Resumes from `out_path` when p.resume or $PCAM_RESUME=1 and the file exists. Raises
-    TrainingInterrupted after saving a checkpoint when a signal arrived.
+    TrainingInterrupted after saving a checkpoint when a signal arrived. With world > 1 this runs
+    as one rank of an initialised torch.distributed group: DistributedDataParallel, each rank
+    taking every world-th sample of each global batch, rank 0 alone writing files.
     """
     out_path = Path(out_path)
     set_determinism(p.seed, p.threads)
     device = resolve_device(p.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
     config = model_config(p)
     model = build_model(config)
     init_weights(model)
     model.to(device)
     if p.channels_last:
         model.to(memory_format=torch.channels_last)
-    fast_model = torch.compile(model) if p.compile else model
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    fast_model = torch.compile(net) if p.compile else net
     optimizer = make_optimizer(p, model)
     n = len(train_split)
-    steps_per_epoch = (n + p.batch_size - 1) // p.batch_size
+    # Under DDP a last batch smaller than the world would leave a rank without samples: drop it.
+    steps_per_epoch = n // p.batch_size if world > 1 else (n + p.batch_size - 1) // p.batch_size
     scheduler = make_scheduler(p, optimizer, steps_per_epoch)
     per_step_scheduler = p.scheduler in ("cosine", "onecycle")
     loss_fn = nn.BCEWithLogitsLoss()
@@ -258,15 +281,19 @@ def train(
     prog = Progress()
     if resume and out_path.is_file():
         prog = _restore(out_path, p, provenance, model, optimizer, scheduler)
-        print(f"train: resuming from {out_path} at epoch {prog.epoch + 1}, batch {prog.batch}")
+        if rank == 0:
+            print(f"train: resuming from {out_path} at epoch {prog.epoch + 1}, batch {prog.batch}")
         if prog.finished:
             return prog
 
     def save() -> None:
-        save_checkpoint(
-            out_path, _checkpoint(config, model, optimizer, scheduler, prog, mean, std, provenance)
-        )
+        if rank == 0:
+            ckpt = _checkpoint(config, model, optimizer, scheduler, prog, mean, std, provenance)
+            save_checkpoint(out_path, ckpt)
+        if world > 1:
+            dist.barrier()
 
+    signame = None
     with stop_on_signals() as stop:
         for epoch in range(prog.epoch, p.epochs):
             gen = epoch_generator(p.seed, epoch, device)
@@ -279,15 +306,22 @@ def train(
                 range(prog.batch, steps_per_epoch),
                 desc=f"epoch {epoch + 1}/{p.epochs}",
                 leave=False,
-                disable=None,
+                disable=None if rank == 0 else True,
             )
             for b in bar:
                 idx = order[b * p.batch_size : (b + 1) * p.batch_size]
-                xb = x_all[idx].to(device)  # no-op when resident on the device already
-                xb = flip_rotate(xb, gen, p.augment.flips, p.augment.rot90)
-                xb = to_unit(xb)
+                # Random draws cover the global batch, so every rank's stream stays the same.
+                codes = draw_flip_rotate(gen, len(idx), p.augment.flips, p.augment.rot90, device)
+                jitter = None
                 if p.augment.color_jitter > 0:
-                    xb = color_jitter(xb, gen, p.augment.color_jitter)
+                    jitter = draw_color_jitter(gen, len(idx), p.augment.color_jitter, device)
+                if world > 1:
+                    idx, codes = idx[rank::world], codes[rank::world]
+                    jitter = jitter[rank::world] if jitter is not None else None
+                xb = x_all[idx].to(device)  # no-op when resident on the device already
+                xb = to_unit(flip_rotate(xb, codes))
+                if jitter is not None:
+                    xb = color_jitter(xb, jitter)
                 xb = standardise(xb, mean, std)
                 with autocast:
                     loss = loss_fn(fast_model(xb).float(), y_all[idx].float())
@@ -301,9 +335,6 @@ def train(
                 if per_step_scheduler:
                     scheduler.step()
                 loss_value = loss.item()
-                prog.step += 1
-                prog.batch = b + 1
-                prog.loss_sum += loss_value * len(idx)
                 seen += len(idx)
                 bar.set_postfix(
                     loss=f"{loss_value:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}"
@@ -313,17 +344,34 @@ def train(
                     live.log_metric("train/grad_norm", gnorm.item())
                     live.log_metric("train/lr", lr)
                     live.next_step()
-                if stop["signal"] and prog.batch < steps_per_epoch:
+                # One small all-reduce per step: the global batch's loss sum, and whether any
+                # rank got a signal (every rank must stop at the same step, or the rest hang).
+                shared = torch.tensor(
+                    [loss_value * len(idx), 1.0 if stop["signal"] else 0.0], dtype=torch.float64
+                )
+                if world > 1:
+                    shared = shared.to(device)
+                    dist.all_reduce(shared)
+                signame = stop["signal"] or ("SIGTERM" if shared[1].item() > 0 else None)
+                prog.step += 1
+                prog.batch = b + 1
+                prog.loss_sum += shared[0].item()
+                if signame and prog.batch < steps_per_epoch:
                     prog.gen_state = gen.get_state()
                     save()
-                    raise TrainingInterrupted(stop["signal"], epoch, prog.step)
-            images_per_s = seen / max(time.perf_counter() - t0, 1e-9)
+                    raise TrainingInterrupted(signame, epoch, prog.step)
+            images_per_s = world * seen / max(time.perf_counter() - t0, 1e-9)
+            if world > 1:
+                # BatchNorm running stats differ per rank; rank 0's go to every rank so all ranks
+                # score the same model and take the same early-stopping decision.
+                for buf in model.buffers():
+                    dist.broadcast(buf, src=0)
             val = evaluate_split(model, valid_split, mean, std, max(p.batch_size, 256), device)
             if p.scheduler == "plateau":
                 scheduler.step(val["loss"])
             result = EpochResult(
                 epoch + 1,
-                prog.loss_sum / n,
+                prog.loss_sum / min(n, steps_per_epoch * p.batch_size),
                 val["loss"],
                 val["roc_auc"],
                 val["f2"],
@@ -344,7 +392,8 @@ def train(
                     live.log_metric(f"val/{key}", val[key])
                 # A timing: dvclive/ is therefore not byte-reproducible; metrics/train.json is.
                 live.log_metric("perf/images_per_s", images_per_s)
-            print(
+            log = print if rank == 0 else (lambda *a, **k: None)
+            log(
                 f"epoch {result.epoch}/{p.epochs}: train_loss {result.train_loss:.4f} "
                 f"val_loss {result.val_loss:.4f} val_roc_auc {result.val_roc_auc:.4f} "
                 f"val_f2@0.5 {result.val_f2:.4f} lr {result.lr:.2e} ({images_per_s:.0f} img/s)",
@@ -352,10 +401,8 @@ def train(
             )
             save()
             if prog.stopped_early:
-                print(
-                    f"train: early stop: no val ROC-AUC gain for {prog.epochs_without_gain} epochs"
-                )
+                log(f"train: early stop: no val ROC-AUC gain for {prog.epochs_without_gain} epochs")
                 break
-            if stop["signal"] and not prog.finished:
-                raise TrainingInterrupted(stop["signal"], epoch + 1, prog.step)
+            if signame and not prog.finished:
+                raise TrainingInterrupted(signame, epoch + 1, prog.step)
     return prog
