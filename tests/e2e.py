@@ -24,7 +24,11 @@ TINY = {
     "train.epochs": 1,
     "train.batch_size": 64,
     "benchmark.batch_sizes": [1, 8],
+    "benchmark.train_batch_sizes": [8],
     "benchmark.repeats": 3,
+    "benchmark.loader_patches": 128,
+    "benchmark.loader_workers": 1,
+    "benchmark.train_loop_patches": 128,
 }
 
 

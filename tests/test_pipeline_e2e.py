@@ -54,6 +54,13 @@ def test_repro_writes_every_declared_output(repro_repo):
     ev = read_json(repro_repo / "metrics/eval.json")
     assert 0.0 <= ev["test"]["roc_auc"]["value"] <= 1.0
     assert ev["threshold"]["chosen_on"] == "valid"
+    bench = read_json(repro_repo / "metrics/benchmark.json")
+    assert bench["best_inference_images_per_s"] > 0 and bench["loader_speedup_vs_naive"] > 0
+    assert set(bench["inference"]) == {
+        f"cpu_fp32_{layout}_bs{bs}" for layout in ("cl", "nchw") for bs in (1, 8)
+    }
+    throughput = (repro_repo / "plots/benchmark/throughput.csv").read_text().splitlines()
+    assert throughput[0] == "configuration,batch_size,images_per_s" and len(throughput) == 1 + 5
     # second repro: nothing to do, everything is cached and current
     again = dvc(["repro"], repro_repo)
     assert "Running stage" not in again.stdout

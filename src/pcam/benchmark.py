@@ -1,12 +1,28 @@
-"""Throughput and latency measurements. Measured, never estimated; the stage never asserts a speed."""
+"""Throughput and latency, measured side by side in one run. Never estimated, never asserted.
+
+Method: warm-up iterations are excluded (allocator, kernel selection, compilation); timed regions
+are bracketed by a device synchronize, so asynchronous CUDA work is counted where it happens;
+each figure is the median over `repeats` with the interquartile range as spread; the thread
+count is pinned by the caller and recorded with the machine.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from pcam.data import Split, normalise, read_x
+from pcam.models import build_model, init_weights
+from pcam.params import TrainParams
 
 
 def _sync(device: torch.device) -> None:
@@ -14,34 +30,169 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def time_inference(
-    model: nn.Module, batch_size: int, warmup: int, repeats: int, device: torch.device
-) -> dict[str, float]:
-    """Latency of one forward pass at `batch_size` on resident random input.
-
-    Warm-up iterations are excluded (allocator, kernel selection); each timed pass is bracketed by
-    a device synchronize so asynchronous CUDA work is counted where it happens.
-    """
-    model.eval().to(device)
-    x = torch.randn(batch_size, 3, 96, 96, device=device).contiguous(
-        memory_format=torch.channels_last
-    )
+def timed(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> np.ndarray:
+    """Seconds per call of `fn` over `repeats` calls, after `warmup` untimed calls."""
     for _ in range(warmup):
-        model(x)
+        fn()
     _sync(device)
     seconds = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        model(x)
+        fn()
         _sync(device)
         seconds.append(time.perf_counter() - t0)
-    s = np.asarray(seconds)
+    return np.asarray(seconds)
+
+
+def summary(seconds: np.ndarray, items_per_call: int) -> dict[str, float]:
+    """Median throughput, its spread (IQR of per-call throughput) and latency percentiles."""
+    rate = items_per_call / seconds
+    q1, q3 = np.percentile(rate, [25, 75])
     return {
-        "batch_size": batch_size,
-        "images_per_s": float(batch_size / np.median(s)),
-        "latency_ms_p50": float(np.percentile(s, 50) * 1e3),
-        "latency_ms_p95": float(np.percentile(s, 95) * 1e3),
-        "latency_ms_min": float(s.min() * 1e3),
-        "repeats": repeats,
+        "images_per_s": float(items_per_call / np.median(seconds)),
+        "images_per_s_iqr": float(q3 - q1),
+        "latency_ms_p50": float(np.percentile(seconds, 50) * 1e3),
+        "latency_ms_p95": float(np.percentile(seconds, 95) * 1e3),
+        "repeats": int(len(seconds)),
     }
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # CPU autocast to bf16 runs everywhere but is only fast with native bf16 instructions.
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _prepare(model: nn.Module, device, channels_last: bool, compiled: bool) -> nn.Module:
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if compiled else model
+
+
+def _input(batch_size: int, device, channels_last: bool) -> torch.Tensor:
+    x = torch.randn(batch_size, 3, 96, 96, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def time_inference(
+    model: nn.Module,
+    batch_size: int,
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+    precision: str = "fp32",
+    channels_last: bool = True,
+    compiled: bool = False,
+) -> dict[str, float]:
+    """Forward passes at `batch_size` on resident input (no data loading in the timing)."""
+    net = _prepare(model.eval(), device, channels_last, compiled)
+    x = _input(batch_size, device, channels_last)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    @torch.no_grad()
+    def step():
+        with autocast:
+            net(x)
+
+    return summary(timed(step, warmup, repeats, device), batch_size)
+
+
+def time_train_step(
+    config: dict,
+    batch_size: int,
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+    precision: str = "fp32",
+    channels_last: bool = True,
+) -> dict[str, float]:
+    """Forward + backward + optimizer step on resident, pre-made tensors: the compute ceiling."""
+    model = build_model(config)
+    init_weights(model)
+    net = _prepare(model.train(), device, channels_last, compiled=False)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    x = _input(batch_size, device, channels_last)
+    y = (torch.arange(batch_size, device=device) % 2).float()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    def step():
+        with autocast:
+            loss = loss_fn(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return summary(timed(step, warmup, repeats, device), batch_size)
+
+
+def time_train_loop(p: TrainParams, train_split: Split, valid_split: Split, mean, std) -> float:
+    """images/s of the real training loop (pcam.training.train, one epoch) on `train_split`:
+    resident uint8, batched augmentation and normalisation, forward/backward/step."""
+    from pcam.training import train  # training imports this module's siblings; keep start-up lean
+
+    seen: dict[str, float] = {}
+
+    class Recorder:  # stands in for dvclive.Live: keeps the loop's own images/s figure
+        def log_metric(self, name, value, **_):
+            seen[name] = value
+
+        def next_step(self):
+            pass
+
+    p = dataclasses.replace(p, epochs=1, resume=False, early_stopping_patience=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        train(
+            p, train_split, valid_split, mean, std, Path(tmp) / "m.pt", {"params": {}}, Recorder()
+        )
+    return seen["perf/images_per_s"]
+
+
+def loader_ours(x_path: Path, n: int, batch_size: int, mean, std) -> Callable[[], None]:
+    """Our path: n rows read in large contiguous slices into uint8, then normalised per batch."""
+
+    def run():
+        x = torch.from_numpy(read_x(x_path, np.arange(n)))
+        for start in range(0, n, batch_size):
+            normalise(x[start : start + batch_size], mean, std)
+
+    return run
+
+
+class PerIndexH5(Dataset):
+    """The seeds' pattern: a Dataset doing one h5py read per index (opened lazily per worker)."""
+
+    def __init__(self, path: Path, n: int, mean, std):
+        self.path, self.n, self.mean, self.std = path, n, mean, std
+        self.file = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self.file is None:
+            self.file = h5py.File(self.path, "r")
+        x = torch.from_numpy(self.file["x"][i]).float().div_(255.0)
+        return ((x - self.mean) / self.std).permute(2, 0, 1)
+
+
+def loader_naive(x_path: Path, n: int, batch_size: int, workers: int, mean, std):
+    def run():
+        # Shuffled, like the seeds' sampler: random single-row reads are what HDF5 is worst at.
+        loader = DataLoader(
+            PerIndexH5(x_path, n, mean, std),
+            batch_size=batch_size,
+            num_workers=workers,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+        )
+        for _ in loader:
+            pass
+
+    return run

@@ -132,10 +132,17 @@ class SliceParams:
 
 @dataclass(frozen=True)
 class BenchmarkParams:
-    batch_sizes: tuple[int, ...]
+    # quick: fp32, eager, what `dvc repro` can afford (< 1 min on 2 cores); full: adds bf16 where
+    # supported, torch.compile, every training batch size and more repeats.
+    profile: Literal["quick", "full"]
+    batch_sizes: tuple[int, ...]  # inference
+    train_batch_sizes: tuple[int, ...]
     warmup: int = _range(0)
     repeats: int = _range(1)
     threads: int = _range(1)
+    loader_patches: int = _range(1)  # patches per data-delivery measurement
+    loader_workers: int = _range(1)  # DataLoader workers for the naive per-index pattern
+    train_loop_patches: int = _range(1)  # patches for one epoch of the real training loop
 
 
 @dataclass(frozen=True)

@@ -30,14 +30,21 @@ def curve_png(
     ylabel: str,
     title: str,
     diagonal: bool = False,
+    log_x: bool = False,
+    unit_square: bool = True,
 ) -> None:
-    fig, ax = plt.subplots(figsize=(5, 5))
+    """Line plot of named (x, y) curves; `unit_square` fixes both axes to [0, 1]."""
+    fig, ax = plt.subplots(figsize=(6, 5))
     for label, (x, y) in curves.items():
-        ax.plot(x, y, label=label)
+        ax.plot(x, y, label=label, marker="o" if log_x else None, ms=3)
     if diagonal:
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(loc="lower right")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if unit_square:
+        ax.set(xlim=(0, 1), ylim=(0, 1.02))
+    if log_x:
+        ax.set_xscale("log", base=2)
+    ax.legend(loc="best", fontsize=7)
     save_figure(fig, path)
 
 

@@ -1,0 +1,43 @@
+"""Benchmark helpers: timing excludes warm-up, summaries are medians with spread."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pcam import benchmark as bench
+from pcam.models import build_model
+
+
+def test_timed_excludes_warmup_and_counts_repeats():
+    calls = []
+    seconds = bench.timed(lambda: calls.append(1), warmup=3, repeats=5, device=torch.device("cpu"))
+    assert len(calls) == 8 and len(seconds) == 5 and (seconds >= 0).all()
+
+
+def test_summary_is_median_based():
+    s = bench.summary(np.array([0.1, 0.1, 0.1, 10.0]), items_per_call=10)
+    assert s["images_per_s"] == 100.0  # the outlier does not move the median
+    assert s["latency_ms_p50"] == 100.0 and s["latency_ms_p95"] > 1000.0
+
+
+def test_inference_and_train_step_measure_something():
+    model = build_model({"model": "cnn", "width": 4})
+    r = bench.time_inference(model, 4, 1, 2, torch.device("cpu"), channels_last=False)
+    assert r["images_per_s"] > 0 and r["repeats"] == 2
+    t = bench.time_train_step({"model": "cnn", "width": 4}, 4, 1, 2, torch.device("cpu"))
+    assert t["images_per_s"] > 0
+
+
+def test_loaders_deliver_the_same_normalised_batches(tiny_raw):
+    from pcam import h5io
+
+    x_path = h5io.split_files(tiny_raw, "train")[0]
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    bench.loader_ours(x_path, 16, 4, mean, std)()
+    ds = bench.PerIndexH5(x_path, 16, mean, std)
+    from pcam.data import normalise, read_x
+
+    ours = normalise(torch.from_numpy(read_x(x_path))[3:4], mean, std)[0]
+    assert torch.allclose(ds[3], ours)
+    bench.loader_naive(x_path, 16, 4, 0, mean, std)()
