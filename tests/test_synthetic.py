@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -19,7 +21,7 @@ def _split(n=64, seed=0, hard=0.3, slides=SLIDES):
 
 
 def test_same_arguments_give_byte_identical_data():
-    a, b = _split(), _split()
+    a, b = _split(n=300), _split(n=300)  # 300 spans two generation chunks
     assert a.x.tobytes() == b.x.tobytes()
     assert a.y.tobytes() == b.y.tobytes()
     for name in ("coord_y", "coord_x", "tumor_patch", "center_tumor_patch", "wsi"):
@@ -104,7 +106,7 @@ def test_unknown_split_is_rejected():
 
 
 def test_tumour_pixels_touch_the_centre_iff_label_is_one():
-    s, mask = synthetic._generate(96, SLIDES, 3, 0.5, keep_tumour_mask=True)
+    s, mask = synthetic._generate(256, SLIDES, 3, 0.5, keep_tumour_mask=True)
     centre = mask[:, 32:64, 32:64].any(axis=(1, 2))
     assert np.array_equal(centre, s.y == 1)
     hard = s.meta.tumor_patch & ~s.meta.center_tumor_patch
@@ -112,7 +114,26 @@ def test_tumour_pixels_touch_the_centre_iff_label_is_one():
     assert mask[hard].any(axis=(1, 2)).all(), "hard negatives must show tumour (outer ring)"
     assert not mask[~s.meta.tumor_patch].any(), "plain negatives must have no tumour"
     # The mask is only a by-product: asking for it must not change the data.
-    assert np.array_equal(s.x, generate_split(96, SLIDES, 3, 0.5).x)
+    assert np.array_equal(s.x, generate_split(256, SLIDES, 3, 0.5).x)
+
+
+def test_label_holds_even_when_the_nest_misses_the_centre(monkeypatch):
+    # Shrink every nest to a speck in a corner: only the one nucleus each tumour patch is
+    # guaranteed remains, and it alone must make positives positive and hard negatives tumorous.
+    real_draw_nests = synthetic._draw_nests
+
+    def speck_nests(rng, positive, hard):
+        nests = real_draw_nests(rng, positive, hard)
+        corner = np.full_like(nests.cy, 2.0)
+        return dataclasses.replace(
+            nests, cy=corner, cx=corner, radius=np.full_like(nests.radius, 0.1)
+        )
+
+    monkeypatch.setattr(synthetic, "_draw_nests", speck_nests)
+    s, mask = synthetic._generate(64, SLIDES, 7, 1.0, keep_tumour_mask=True)
+    assert np.array_equal(mask[:, 32:64, 32:64].any(axis=(1, 2)), s.y == 1)
+    assert np.array_equal(mask.any(axis=(1, 2)), s.meta.tumor_patch)
+    assert s.meta.tumor_patch.all()
 
 
 def test_tumour_nuclei_are_darker_than_their_patch():
@@ -141,10 +162,12 @@ def test_patches_look_like_h_and_e():
 
 
 def test_mean_colour_alone_does_not_predict_the_label():
-    s = generate_split(512, slide_ids_for("train", 8), 5, 0.2)
+    s = generate_split(384, slide_ids_for("train", 8), 5, 0.2)
     features = s.x.reshape(len(s.x), -1, 3).astype(np.float64).mean(axis=1)
     scores = LogisticRegression().fit(features, s.y).decision_function(features)
-    assert roc_auc_score(s.y, scores) < 0.7  # in-sample, so an upper bound on what it can learn
+    # In-sample, so an upper bound on what it can learn. About 0.56 as built; without the
+    # haematoxylin budget (tumour simply added on top of normal tissue) it is about 0.67.
+    assert roc_auc_score(s.y, scores) < 0.65
 
 
 @pytest.mark.parametrize("shift_px", [0, 6])
