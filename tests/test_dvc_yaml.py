@@ -90,3 +90,42 @@ def test_metrics_and_plots_are_not_cached():
             for entry in stage.get(section, []):
                 ((path, opts),) = entry.items()
                 assert opts.get("cache") is False, f"{name}: {path} must be cache: false"
+
+
+# Paths a stage script names that are neither inputs nor outputs of the pipeline.
+NOT_PIPELINE_PATHS = {".cache/pcam"}
+
+
+def path_constants(script: Path) -> set[str]:
+    """Module-level NAME = Path("...") constants of a stage script: the files it touches."""
+    found = set()
+    for node in ast.parse(script.read_text()).body:
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call)
+            and getattr(node.value.func, "id", None) == "Path"
+            and node.value.args
+            and isinstance(node.value.args[0], ast.Constant)
+        ):
+            found.add(node.value.args[0].value)
+    return found
+
+
+def _names(entries: list) -> list[str]:
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries]
+
+
+def test_every_path_a_stage_touches_is_declared():
+    # Catches the silent bug of a stage reading a file DVC does not know it depends on (DVC
+    # would then skip it when that file changes) or writing an undeclared output.
+    for name, stage in dvc_yaml()["stages"].items():
+        declared = set(stage["deps"])
+        for section in ("outs", "metrics", "plots"):
+            declared |= set(_names(stage.get(section, [])))
+        for path in path_constants(script_of(stage)) - NOT_PIPELINE_PATHS:
+            related = [
+                d
+                for d in declared
+                if d == path or d.startswith(path + "/") or path.startswith(d + "/")
+            ]
+            assert related, f"{name}: {path} is used by {script_of(stage).name} but not declared"

@@ -1,0 +1,436 @@
+# shellcheck shell=bash
+# Shared logic of the slurm/*.sbatch scripts; they source it, it is never run on its own.
+#
+# What a job gets from it:
+#   - strict mode (set -euo pipefail), one log format, the virtual environment;
+#   - a private working copy (pcam_workspace): a git clone in node-local $TMPDIR that uses the
+#     checkout's DVC cache and remotes. Parallel jobs therefore never share DVC's repository lock,
+#     and training reads real copies of the data on local disk (cache.type reflink,copy);
+#   - the time-limit protocol (pcam_run + pcam_requeue_if_interrupted): `--signal=B:USR1@N`
+#     wakes this shell, which forwards SIGUSR1 to the training; training checkpoints and exits 75;
+#     the checkpoint is parked on shared storage and the job requeues itself; the next run
+#     restores the checkpoint and resumes with PCAM_RESUME=1, to a byte-identical result.
+#
+# Settings, all optional environment variables (sbatch passes the submitting shell's environment):
+#   PCAM_REPO        the checkout jobs start from (default: the directory sbatch was run in)
+#   PCAM_VENV        virtual environment to activate (default: $PCAM_REPO/.venv)
+#   PCAM_MODULES     modules to `module load` before that, e.g. "2023 Python/3.11.3-GCCcore-12.3.0"
+#   PCAM_REV         commit that experiments start from (default: the checkout's HEAD)
+#   PCAM_GIT_REMOTE  git remote (name of one of the checkout's remotes, or a path/URL) that
+#                    experiments are pushed to (default: origin)
+#   PCAM_DVC_PUSH    1 (default) pushes outputs to the default DVC remote; 0 leaves them in the
+#                    DVC cache only (compute nodes without internet, with a shared cache)
+#   PCAM_STATE_DIR   shared directory for parked checkpoints (default: $PCAM_REPO/slurm/state)
+#   PCAM_STATE_KEY   resume what an earlier job parked: its job id (array task: JOBID_TASKID)
+#   PCAM_KEEP_WORK   1 keeps the job's working copy after the job, for debugging
+
+set -euo pipefail
+
+pcam_log() { printf '[pcam %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+pcam_die() {
+	pcam_log "ERROR: $*"
+	exit 1
+}
+
+PCAM_REPO=$(cd "${PCAM_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" && pwd -P)
+if [[ ! -f $PCAM_REPO/dvc.yaml ]] || ! git -C "$PCAM_REPO" rev-parse --git-dir >/dev/null 2>&1; then
+	pcam_die "$PCAM_REPO is not a pcam-pipeline checkout: run sbatch from its root or set PCAM_REPO"
+fi
+# The key under which a job parks its checkpoint. A requeued job keeps its id, so it finds it again.
+PCAM_KEY=${PCAM_STATE_KEY:-${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID:-}}}
+PCAM_KEY=${PCAM_KEY:-${SLURM_JOB_ID:-local-$$}}
+PCAM_STATE=${PCAM_STATE_DIR:-$PCAM_REPO/slurm/state}/$PCAM_KEY
+PCAM_WORK=""
+PCAM_STOP=0   # set by the SIGUSR1 trap: the time limit is near
+PCAM_TRAPS=0  # counts trapped signals, so pcam_run can tell an interrupted `wait` from a result
+PCAM_TOLD=" " # PIDs that were already sent SIGUSR1
+# DVC's usage analytics would phone home from every job; unbuffered Python keeps the log in order.
+export DVC_NO_ANALYTICS=1 PYTHONUNBUFFERED=1
+
+pcam_on_usr1() {
+	PCAM_TRAPS=$((PCAM_TRAPS + 1))
+	((PCAM_STOP)) || pcam_log "SIGUSR1: the time limit is near; asking the training to checkpoint"
+	PCAM_STOP=1
+}
+trap pcam_on_usr1 USR1
+
+pcam_cleanup() {
+	if [[ -n $PCAM_WORK && ${PCAM_KEEP_WORK:-0} != 1 ]]; then
+		cd /
+		rm -rf "$PCAM_WORK"
+	fi
+}
+trap pcam_cleanup EXIT
+
+# Modules and the venv. Everything after this runs the pinned tools of the venv.
+pcam_activate() {
+	if [[ -n ${PCAM_MODULES:-} ]]; then
+		# Module systems (Lmod, Environment Modules) are not written for `set -u`.
+		set +u
+		# shellcheck disable=SC2086 # a list of module names, split on purpose
+		module load $PCAM_MODULES
+		set -u
+	fi
+	local venv=${PCAM_VENV:-$PCAM_REPO/.venv}
+	[[ -f $venv/bin/activate ]] ||
+		pcam_die "no virtual environment at $venv: run 'make setup' on a login node, or set PCAM_VENV"
+	# shellcheck disable=SC1091 # the venv is created by `make setup`
+	source "$venv/bin/activate"
+	pcam_log "job ${SLURM_JOB_ID:-none} '${SLURM_JOB_NAME:-}' partition ${SLURM_JOB_PARTITION:-none}" \
+		"node ${SLURMD_NODENAME:-$(hostname)} restart ${SLURM_RESTART_COUNT:-0}" \
+		"array task ${SLURM_ARRAY_TASK_ID:-none} CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}"
+	pcam_log "checkout $PCAM_REPO, $(python -V) from $VIRTUAL_ENV"
+}
+
+# pcam_workspace commit|worktree
+# Makes the job's working copy and cds into it. `commit`: the experiment's start commit
+# ($PCAM_REV or HEAD); experiments are recorded relative to a commit, so uncommitted edits are not
+# taken along. `worktree`: HEAD plus the checkout's uncommitted changes to tracked files, as
+# `dvc repro` in the checkout would see them. The choice is recorded in the state directory, so a
+# requeued run works on exactly what the first run worked on, whatever happened in the checkout.
+pcam_workspace() {
+	local mode=$1 rev
+	mkdir -p "$PCAM_STATE"
+	if [[ -f $PCAM_STATE/rev ]]; then
+		rev=$(<"$PCAM_STATE/rev")
+		pcam_log "continuing $PCAM_KEY at $rev (state: $PCAM_STATE)"
+	else
+		if [[ $mode == worktree ]]; then
+			rev=$(git -C "$PCAM_REPO" rev-parse HEAD)
+			git -C "$PCAM_REPO" diff --binary HEAD >"$PCAM_STATE/patch"
+		else
+			rev=$(git -C "$PCAM_REPO" rev-parse "${PCAM_REV:-HEAD}^{commit}")
+			if [[ -n $(git -C "$PCAM_REPO" status --porcelain --untracked-files=no) ]]; then
+				pcam_log "warning: the checkout has uncommitted changes; the experiment starts from commit $rev without them"
+			fi
+		fi
+		echo "$rev" >"$PCAM_STATE/rev"
+	fi
+	PCAM_WORK=$(mktemp -d "${TMPDIR:-/tmp}/pcam-$PCAM_KEY.XXXXXX")
+	git clone --quiet --no-checkout "$PCAM_REPO" "$PCAM_WORK/repo"
+	cd "$PCAM_WORK/repo"
+	git checkout --quiet --detach "$rev"
+	if [[ -s $PCAM_STATE/patch ]]; then
+		git apply --binary "$PCAM_STATE/patch"
+		pcam_log "applied the checkout's uncommitted changes: $(git diff --name-only | tr '\n' ' ')"
+	fi
+	# The clone's origin would be the checkout itself; give it the checkout's own remotes instead,
+	# so `dvc exp push origin` goes where the team's experiments are.
+	git remote remove origin
+	local name
+	for name in $(git -C "$PCAM_REPO" remote); do
+		git remote add "$name" "$(git -C "$PCAM_REPO" remote get-url "$name")"
+	done
+	# `dvc exp run` commits; a cluster account often has no git identity configured.
+	git config user.name >/dev/null || git config user.name "${USER:-pcam} (slurm)"
+	git config user.email >/dev/null || git config user.email "${USER:-pcam}@$(hostname -f 2>/dev/null || hostname)"
+	# DVC remotes and credentials usually live in the untracked config.local.
+	if [[ -f $PCAM_REPO/.dvc/config.local ]]; then
+		cp "$PCAM_REPO/.dvc/config.local" .dvc/config.local
+	fi
+	# Share the checkout's cache (often a shared project cache): data already there is not pulled
+	# again, and what the job produces lands there for `dvc checkout` in the checkout. Copies, not
+	# links, in the working copy: the data being read then sits on this node's disk.
+	local cache
+	cache=$(cd "$PCAM_REPO" && dvc cache dir)
+	# = dvc config --local cache.dir/cache.type/core.site_cache_dir, in one process instead of
+	# three. site_cache_dir: DVC's per-repository index would otherwise pile up in /var/tmp/dvc,
+	# one directory per job; in the working copy it goes away with it.
+	python - "$cache" "$PCAM_WORK/dvc-site-cache" <<'PY'
+import sys
+
+from configobj import ConfigObj  # DVC's configuration format, and the library DVC uses for it
+
+conf = ConfigObj(".dvc/config.local")
+conf.setdefault("cache", {}).update({"dir": sys.argv[1], "type": "reflink,copy"})
+conf.setdefault("core", {})["site_cache_dir"] = sys.argv[2]
+conf.write()
+PY
+	# The PCAM download cache (.cache/pcam) is the checkout's, so an interrupted download resumes.
+	# A link is not a directory to .gitignore's "/.cache/": exclude it, or git would see it.
+	mkdir -p "$PCAM_REPO/.cache"
+	ln -sfn "$PCAM_REPO/.cache" .cache
+	echo /.cache >>.git/info/exclude
+	pcam_log "working copy $PWD at $(git rev-parse --short HEAD), DVC cache $cache"
+	pcam_restore_checkpoint
+}
+
+pcam_restore_checkpoint() {
+	if [[ -f $PCAM_STATE/model.pt ]]; then
+		mkdir -p models
+		cp "$PCAM_STATE/model.pt" models/model.pt
+		if [[ -d $PCAM_STATE/dvclive ]]; then
+			rm -rf dvclive
+			cp -r "$PCAM_STATE/dvclive" dvclive
+		fi
+		export PCAM_RESUME=1
+		pcam_log "restored the parked checkpoint; training resumes from it (PCAM_RESUME=1)"
+	elif ((${SLURM_RESTART_COUNT:-0} > 0)); then
+		export PCAM_RESUME=1
+	fi
+}
+
+# Fails early when train.devices asks for more GPUs than the job has (a DDP run would only fail
+# after loading the data). Arguments: the `dvc exp run` arguments, which may override it with -S.
+pcam_check_devices() {
+	local devices device gpus arg
+	read -r devices device < <(python -c 'import yaml; t = yaml.safe_load(open("params.yaml"))["train"]; print(t.get("devices", 1), t.get("device", "auto"))')
+	for arg in "$@"; do
+		case $arg in
+		train.devices=*) devices=${arg#train.devices=} ;;
+		train.device=*) device=${arg#train.device=} ;;
+		esac
+	done
+	gpus=0
+	if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
+		gpus=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)
+	fi
+	if [[ $device != cpu ]] && ((devices > 1 && gpus < devices)); then
+		pcam_die "train.devices=$devices but this job has $gpus GPU(s): submit with --gpus=$devices"
+	fi
+	pcam_log "train.devices=$devices, train.device=$device, GPUs allocated: $gpus"
+}
+
+# PIDs of all processes below $1.
+pcam_descendants() {
+	local pid
+	for pid in $(ps -o pid= --ppid "$1" 2>/dev/null || true); do
+		echo "$pid"
+		pcam_descendants "$pid"
+	done
+}
+
+# Whether process $1 has a handler for SIGUSR1 (bit 10 of SigCgt). Only the training installs
+# one; SIGUSR1's default action would kill any other process (dvc, or a training that is still
+# importing torch), so those are never signalled.
+pcam_catches_usr1() {
+	local mask
+	mask=$(awk '/^SigCgt:/ {print $2}' "/proc/$1/status" 2>/dev/null) || return 1
+	[[ -n $mask ]] && (((16#$mask >> 9) & 1))
+}
+
+pcam_forward_usr1() {
+	local pid cmd
+	for pid in $(pcam_descendants "$1"); do
+		[[ $PCAM_TOLD == *" $pid "* ]] && continue
+		if pcam_catches_usr1 "$pid"; then
+			cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-100) || true
+			if kill -USR1 "$pid" 2>/dev/null; then
+				PCAM_TOLD+="$pid "
+				pcam_log "forwarded SIGUSR1 to PID $pid ($cmd)"
+			fi
+		fi
+	done
+}
+
+# pcam_run CMD...: runs CMD in the background and returns its exit status. In the background,
+# because bash runs a trap only between foreground commands: `wait` returns as soon as SIGUSR1
+# arrives. After SIGUSR1 it keeps forwarding the signal to every process of CMD that has a
+# handler for it, also to a training that starts or installs its handler only later.
+pcam_run() {
+	local child status traps
+	"$@" &
+	child=$!
+	while :; do
+		if ((PCAM_STOP)); then
+			pcam_forward_usr1 "$child"
+			if kill -0 "$child" 2>/dev/null; then
+				sleep 1
+				continue
+			fi
+		fi
+		traps=$PCAM_TRAPS
+		status=0
+		wait "$child" || status=$?
+		# A trap during `wait` makes it return 128+signal while CMD still runs; wait again (for a
+		# finished CMD, `wait` returns its saved status).
+		((traps == PCAM_TRAPS)) && break
+	done
+	return "$status"
+}
+
+# After a failed pipeline command: when the failure is the training stopping for the time limit,
+# park the checkpoint on shared storage, requeue this job and end this run. Otherwise return.
+pcam_requeue_if_interrupted() {
+	local status=$1
+	((status != 0 && PCAM_STOP)) || return 0
+	if [[ -f models/model.pt ]]; then
+		# Copied to a temporary name and renamed: a job killed while copying leaves no torn file.
+		cp models/model.pt "$PCAM_STATE/model.pt.tmp"
+		mv "$PCAM_STATE/model.pt.tmp" "$PCAM_STATE/model.pt"
+		if [[ -d dvclive ]]; then
+			rm -rf "$PCAM_STATE/dvclive"
+			cp -r dvclive "$PCAM_STATE/dvclive"
+		fi
+		pcam_log "training stopped for the time limit; checkpoint parked in $PCAM_STATE"
+	else
+		pcam_log "stopped for the time limit before training wrote a checkpoint"
+	fi
+	[[ -n ${SLURM_JOB_ID:-} ]] || pcam_die "not a SLURM job: resume with PCAM_STATE_KEY=$PCAM_KEY"
+	pcam_log "requeueing job $SLURM_JOB_ID; the next run resumes from the checkpoint"
+	# Slurm ends this run right after the requeue: the working copy goes first.
+	pcam_cleanup
+	PCAM_WORK=""
+	scontrol requeue "$SLURM_JOB_ID" ||
+		pcam_die "scontrol requeue failed; resubmit with --export=ALL,PCAM_STATE_KEY=$PCAM_KEY to resume"
+	exit 0
+}
+
+# Uploads what the working copy's pipeline produced (and, with --run-cache, the record of every
+# finished stage, so that a rerun elsewhere restores them instead of recomputing).
+pcam_dvc_push() {
+	if pcam_has_dvc_remote; then
+		dvc push "$@"
+	else
+		pcam_log "no DVC push (PCAM_DVC_PUSH=0 or no default remote): outputs stay in the DVC cache $(dvc cache dir)"
+	fi
+}
+
+pcam_has_dvc_remote() {
+	[[ ${PCAM_DVC_PUSH:-1} == 1 && -n $(dvc remote default 2>/dev/null) ]]
+}
+
+# The job succeeded: its parked state is no longer needed.
+pcam_done() {
+	rm -rf "$PCAM_STATE"
+	pcam_log "done"
+}
+
+# Copies what git would see as changed in the working copy (dvc.lock, metrics/, plots/, dvclive/)
+# back into the checkout, as if the pipeline had run there. Outputs cached by DVC are not copied:
+# they are in the (shared) DVC cache and on the remote, for `dvc checkout` / `dvc pull`.
+pcam_copy_back() {
+	local status path n=0
+	git add --all
+	while IFS=$'\t' read -r status path; do
+		if [[ $status == D ]]; then
+			rm -f "$PCAM_REPO/$path"
+		else
+			mkdir -p "$(dirname "$PCAM_REPO/$path")"
+			cp "$path" "$PCAM_REPO/$path.pcam-tmp"
+			mv "$PCAM_REPO/$path.pcam-tmp" "$PCAM_REPO/$path"
+		fi
+		n=$((n + 1))
+	done < <(git diff --cached --no-renames --name-status HEAD)
+	git reset --quiet
+	pcam_log "copied $n changed file(s) back to $PCAM_REPO; there: 'dvc checkout' (or 'dvc pull'), review, commit dvc.lock"
+}
+
+# pcam_experiment ARGS...: one `dvc exp run ARGS` in its own working copy, pushed to the git
+# remote as an experiment. Used by exp_gpu.sbatch and sweep_array.sbatch.
+pcam_experiment() {
+	local name="" arg prev="" remote=${PCAM_GIT_REMOTE:-origin}
+	for arg in "$@"; do
+		case $prev in -n | --name) name=$arg ;; esac
+		case $arg in --name=*) name=${arg#--name=} ;; esac
+		prev=$arg
+	done
+	local extra=()
+	if [[ -z $name ]]; then
+		name="${SLURM_JOB_NAME:-exp}-$PCAM_KEY"
+		extra=(--name "$name")
+	fi
+	pcam_workspace commit
+	if ! git remote | grep -qxF -- "$remote" && [[ $remote != */* && $remote != *:* ]]; then
+		pcam_die "git remote '$remote' is not configured in $PCAM_REPO: add it, or set PCAM_GIT_REMOTE to a remote, path or URL"
+	fi
+	pcam_check_devices "$@"
+	pcam_log "experiment $name: dvc exp run --pull --allow-missing $*"
+	local status=0
+	pcam_run dvc exp run --pull --allow-missing "${extra[@]}" "$@" || status=$?
+	pcam_requeue_if_interrupted "$status"
+	if ((status != 0)); then
+		pcam_log "experiment $name failed (exit $status); pushing the finished stages (run cache)"
+		pcam_dvc_push --run-cache || pcam_log "dvc push --run-cache failed too"
+		pcam_die "experiment $name failed"
+	fi
+	local no_cache=()
+	pcam_has_dvc_remote || no_cache=(--no-cache)
+	if ! dvc exp push "${no_cache[@]}" "$remote" "$name"; then
+		# The working copy is deleted when the job ends: keep the result in the checkout (its
+		# outputs are in the DVC cache), to push from a login node.
+		dvc exp push --no-cache "$PCAM_REPO" "$name" || pcam_die "could not save experiment $name"
+		pcam_done
+		pcam_die "pushing experiment $name to '$remote' failed; it is in $PCAM_REPO: push it from there (dvc exp push origin $name)"
+	fi
+	pcam_log "experiment $name pushed to '$remote': 'dvc exp pull $remote $name' (or --all-commits) in the checkout, then 'dvc exp show'"
+	pcam_done
+}
+
+# pcam_benchmark [-S benchmark.KEY=VALUE ...]: the benchmark stage on this node, on the
+# checkout's model, and one row of the per-partition throughput table (slurm/logs/throughput.md;
+# the run's metrics/benchmark.json is kept next to it). Used by benchmark_{cpu,gpu}.sbatch.
+pcam_benchmark() {
+	local logs=$PCAM_REPO/slurm/logs
+	pcam_workspace worktree
+	if (($# > 0)); then
+		# Only benchmark.* may change: other params would change what is being measured.
+		python - "$@" <<'PY'
+import sys
+
+import yaml
+
+args = sys.argv[1:]
+if len(args) % 2 or any(a != "-S" for a in args[::2]):
+    sys.exit(f"benchmark: arguments are -S benchmark.KEY=VALUE pairs, not {' '.join(args)}")
+params = yaml.safe_load(open("params.yaml"))
+for setting in args[1::2]:
+    key, _, value = setting.partition("=")
+    section, _, leaf = key.partition(".")
+    if section != "benchmark" or leaf not in params["benchmark"] or not value:
+        sys.exit(f"benchmark: -S {setting}: only existing benchmark.* params can be set")
+    params["benchmark"][leaf] = yaml.safe_load(value)
+yaml.safe_dump(params, open("params.yaml", "w"), sort_keys=False)
+PY
+		pcam_log "benchmark params for this run: $*"
+	fi
+	# The model and the data the stage reads, from the DVC cache or the remote.
+	dvc pull --with-deps benchmark ||
+		pcam_die "could not get the benchmark stage's inputs: run the pipeline (repro_gpu.sbatch) and push first"
+	# --force: an up-to-date benchmark is still measured again, on this node.
+	local status=0
+	pcam_run dvc repro --force --single-item benchmark || status=$?
+	((status == 0)) || pcam_die "the benchmark stage failed (exit $status)"
+	mkdir -p "$logs"
+	cp metrics/benchmark.json "$logs/benchmark-${SLURM_JOB_PARTITION:-local}-${SLURM_JOB_ID:-$$}.json"
+	python - "$logs/throughput.md" <<'PY'
+"""Append this job's row to the throughput table: batch-1 inference on the node's fastest device."""
+import fcntl
+import json
+import os
+import re
+import socket
+import sys
+
+m = json.load(open("metrics/benchmark.json"))
+# Keys name device, precision, layout and batch size: "cuda_fp32_cl_bs1", "cpu_fp32_bs8".
+bs1 = {k: v for k, v in m["inference"].items() if re.search(r"_bs1$", k)}
+if not bs1:
+    sys.exit("benchmark: no batch-size-1 measurement; add 1 to benchmark.batch_sizes")
+# Keys start with the device ("cpu_fp32_...", "cuda_fp32_..."): on a GPU node, report the GPU.
+device = "cuda" if any(k.startswith("cuda") for k in bs1) else "cpu"
+key, row = max(((k, v) for k, v in bs1.items() if k.startswith(device)), key=lambda kv: kv[1]["images_per_s"])
+best_key, best = max(m["inference"].items(), key=lambda kv: kv[1]["images_per_s"])
+machine = m.get("machine", {})
+hardware = machine.get("gpu") if device == "cuda" else machine.get("cpu")
+line = (
+    f"| `{os.environ.get('SLURM_JOB_PARTITION', 'none')}` "
+    f"| {os.environ.get('SLURMD_NODENAME', socket.gethostname())} "
+    f"| {device}: {hardware or 'unknown'} "
+    f"| {row['images_per_s']:.1f} "
+    f"| {best['images_per_s']:.1f} ({best_key}) "
+    f"| {os.environ.get('SLURM_JOB_ID', 'none')} |\n"
+)
+with open(sys.argv[1], "a") as table:
+    fcntl.flock(table, fcntl.LOCK_EX)  # jobs on two partitions may finish at the same moment
+    if os.fstat(table.fileno()).st_size == 0:
+        table.write(
+            "| partition | node | device | img/s, batch 1 | best img/s (configuration) | job |\n"
+            "| :--- | :--- | :--- | ---: | ---: | :--- |\n"
+        )
+    table.write(line)
+print(f"throughput ({key}): {line}", end="")
+PY
+	pcam_log "row appended to $logs/throughput.md"
+	pcam_done
+}

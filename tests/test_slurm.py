@@ -1,0 +1,546 @@
+"""The slurm/*.sbatch scripts, submitted to a real Slurm scheduler that these tests start.
+
+A session fixture installs Slurm and MUNGE from Debian when they are absent (needs root), writes a
+one-node cluster with the course cluster's partitions (thin_course: CPU, the default; gpu_course:
+fake GPUs), starts munged, slurmctld and slurmd, and stops them by PID at the end. If the
+scheduler cannot start, the tests fail with the reason.
+
+The jobs run the real scripts on a temporary git copy of this repo (tiny data, CPU training, one
+thread), with a bare git origin and a local DVC remote and shared cache, as a user on the cluster
+would have. One flow, timed to stay short, checks:
+  - prepare_data: data prepared, pushed, dvc.lock copied back;
+  - repro_gpu under a two-minute limit with --signal=B:USR1@115: the signal comes, the training
+    checkpoints and exits 75, the job requeues itself, resumes, finishes; its model is
+    byte-identical to an uninterrupted run of the same params (a sweep task);
+  - sweep_array: every grid line becomes an experiment in `dvc exp show` after `dvc exp pull`;
+    a task beyond the grid fails with a message;
+  - exp_gpu: one named experiment; benchmark_cpu/gpu: one throughput-table row per partition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pcam.checkpoint import load_checkpoint, save_checkpoint
+from tests.e2e import TINY, copy_repo, dvc, env, run
+
+pytestmark = pytest.mark.slurm
+
+PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+SBIN = "/usr/sbin:/sbin"
+CPU, GPU = "thin_course", "gpu_course"
+N_GPUS = 8  # fake ones: enough for every GPU job of the flow at once
+# Long enough that training still runs when the time-limit signal comes (the first scheduler
+# check after the job starts: within 30 s), short enough to keep the flow near two minutes.
+EPOCHS = 60
+PROFILE = TINY | {"train.epochs": EPOCHS, "train.threads": 1, "benchmark.threads": 1}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name, path=f"{os.environ.get('PATH', '')}:{SBIN}")
+
+
+def _apt_install() -> None:
+    """Installs Slurm 22.05 + MUNGE (Debian bookworm) when absent; seconds when apt lists exist."""
+    if os.geteuid() != 0:
+        # The daemons need root too (slurmd runs jobs as their users; munged runs as munge).
+        pytest.fail(
+            "the Slurm tests install and start a Slurm cluster and need root (CI runs as root); "
+            "elsewhere deselect them: pytest -m 'not slurm'"
+        )
+    if all(_which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")):
+        return
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
+    apt_env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(cmd, env=apt_env, capture_output=True).returncode != 0:
+        # Fresh machines have no package lists yet.
+        subprocess.run(["apt-get", "update"], env=apt_env, capture_output=True)
+        proc = subprocess.run(cmd, env=apt_env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.fail(f"could not install Slurm ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+
+
+def _die_with_us() -> None:
+    """Runs in a daemon's process before exec: SIGTERM it if this test process dies first."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.is_file() else f"({path} missing)"
+
+
+@dataclass
+class Job:
+    """One line of `scontrol show job -o`: a job, or one task of an array job."""
+
+    job_id: str
+    state: str
+    reason: str
+    restarts: int
+    exit_code: str
+    stdout: str
+    array_task: str | None
+
+    @classmethod
+    def parse(cls, line: str) -> Job:
+        def get(key: str) -> str | None:
+            m = re.search(rf"(?:^| ){key}=(\S*)", line)
+            return m.group(1) if m else None
+
+        return cls(
+            get("JobId") or "",
+            get("JobState") or "",
+            get("Reason") or "",
+            int(get("Restarts") or 0),
+            get("ExitCode") or "",
+            get("StdOut") or "",
+            get("ArrayTaskId"),
+        )
+
+    @property
+    def done(self) -> bool:
+        # A dependency on a failed job is never satisfied: that job would wait forever.
+        return self.state in FINAL_STATES or self.reason == "DependencyNeverSatisfied"
+
+    def log(self) -> str:
+        return Path(self.stdout).read_text(errors="replace") if Path(self.stdout).is_file() else ""
+
+
+@dataclass
+class Cluster:
+    """A one-node Slurm cluster in `root`: config, state, spool, logs, MUNGE key and socket."""
+
+    root: Path
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "slurm.conf"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        e = env() | {"SLURM_CONF": str(self.conf), "PCAM_VENV": sys.prefix}
+        e["PATH"] = f"{e['PATH']}:{SBIN}"
+        return e | extra
+
+    def daemon(self, cmd: list[str]) -> None:
+        """Starts `cmd` in the foreground, as a child of this process, stopped by PID in stop()."""
+        log = open(self.root / "logs" / "daemons.out", "ab")  # noqa: SIM115 - the daemon's now
+        self.procs.append(
+            subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=log, preexec_fn=_die_with_us)
+        )
+        log.close()
+
+    def start(self) -> None:
+        r, munge = self.root, self.root / "munge"
+        for d in ("state", "spool", "logs", "munge"):
+            (r / d).mkdir()
+        # munged runs as munge and insists that everyone may traverse to its socket.
+        r.chmod(0o755)
+        shutil.chown(munge, "munge", "munge")
+        munge.chmod(0o711)
+        key, socket_path = munge / "munge.key", munge / "munge.sock"
+        as_munge = ["runuser", "-u", "munge", "--"]
+        if _which("mungekey"):
+            create = [_which("mungekey"), "--create", f"--keyfile={key}"]
+            subprocess.run(as_munge + create, check=True, capture_output=True)
+        else:  # MUNGE < 0.5.14: create-munge-key only writes /etc/munge; any random key will do
+            key.write_bytes(os.urandom(1024))
+            shutil.chown(key, "munge", "munge")
+            key.chmod(0o600)
+        self.daemon(
+            as_munge
+            + [
+                _which("munged"),
+                "--foreground",
+                f"--socket={socket_path}",
+                f"--key-file={key}",
+                f"--pid-file={munge / 'munged.pid'}",
+                f"--log-file={munge / 'munged.log'}",
+                f"--seed-file={munge / 'munged.seed'}",
+            ]
+        )
+        # Fake GPUs: gres File= must name character devices; these behave like /dev/null.
+        for i in range(N_GPUS):
+            os.mknod(r / f"gpu{i}", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        host = socket.gethostname().split(".")[0]
+        self.conf.write_text(
+            f"""\
+ClusterName=pcamtest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={socket_path}
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd.pid
+SlurmctldLogFile={r}/logs/slurmctld.log
+SlurmdLogFile={r}/logs/slurmd.log
+PlugStackConfig={r}/plugstack.conf
+# No cgroups in a container: track processes by parent PID, bind no tasks.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+# Finished jobs in a text file, for `sacct -c`.
+JobCompType=jobcomp/filetxt
+JobCompLoc={r}/jobcomp.txt
+# The node may declare more CPUs than it has, and GPUs it has not.
+SlurmdParameters=config_overrides
+GresTypes=gpu
+MpiDefault=none
+ReturnToService=2
+# Keep finished jobs in `scontrol show job` for the checks.
+MinJobAge=600
+KillWait=10
+NodeName=pcam-node NodeHostname={host} NodeAddr=127.0.0.1 CPUs=32 RealMemory=64000 Gres=gpu:{N_GPUS} State=UNKNOWN
+PartitionName={CPU} Nodes=pcam-node Default=YES MaxTime=INFINITE State=UP
+PartitionName={GPU} Nodes=pcam-node MaxTime=INFINITE State=UP
+"""
+        )
+        (r / "gres.conf").write_text(f"NodeName=pcam-node Name=gpu File={r}/gpu[0-{N_GPUS - 1}]\n")
+        (r / "plugstack.conf").write_text("")
+        deadline = time.monotonic() + 30
+        while not socket_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.daemon([_which("slurmctld"), "-D", "-i"])
+        self.daemon([_which("slurmd"), "-D", "-N", "pcam-node"])
+        while time.monotonic() < deadline:
+            out = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False).stdout
+            if "idle" in out:
+                return
+            if any(p.poll() is not None for p in self.procs):
+                break
+            time.sleep(0.5)
+        pytest.fail(
+            f"the Slurm node did not come up:\n--- slurmctld.log\n{_tail(r / 'logs/slurmctld.log')}"
+            f"\n--- slurmd.log\n{_tail(r / 'logs/slurmd.log')}\n--- daemons\n"
+            f"{_tail(r / 'logs/daemons.out')}\n--- munged.log\n{_tail(munge / 'munged.log')}"
+        )
+
+    def stop(self) -> None:
+        # Jobs first: their processes outlive slurmd.
+        if len(self.procs) == 3 and all(p.poll() is None for p in self.procs):
+            self.run(["scancel", "--full", "--user=root"], check=False)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and self.run(["squeue", "-h"], check=False).stdout:
+                time.sleep(0.5)
+        pid_file = self.root / "munge" / "munged.pid"
+        for p in reversed(self.procs):  # slurmd, slurmctld, munged
+            if p is self.procs[0] and pid_file.is_file():
+                # munged itself; runuser then reaps it and exits. (runuser, signalled, would pass
+                # the signal on only after two seconds.)
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            else:
+                p.terminate()
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def run(self, cmd: list[str], check: bool = True, **extra) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, env=self.env(**extra), capture_output=True, text=True)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr}")
+        return proc
+
+    def sbatch(self, repo: Path, script: str, *args: str, options=(), **extra: str) -> str:
+        """Submits slurm/SCRIPT from `repo`, as a user would: `sbatch [options] script args`."""
+        cmd = ["sbatch", "--parsable", "--cpus-per-task=1", *options, f"slurm/{script}", *args]
+        proc = subprocess.run(cmd, cwd=repo, env=self.env(**extra), capture_output=True, text=True)
+        assert proc.returncode == 0, f"{' '.join(cmd)}: {proc.stderr}"
+        return proc.stdout.strip().split(";")[0]
+
+    def jobs(self, job_id: str) -> list[Job]:
+        """The job, or every task of an array job."""
+        out = self.run(["scontrol", "show", "job", "-o", job_id]).stdout
+        return [Job.parse(line) for line in out.splitlines() if line.strip()]
+
+    def wait(self, job_ids: list[str], timeout_s: float, on_poll=None) -> dict[str, list[Job]]:
+        # `sbatch --wait` polls slowly (and blocks one job at a time): poll scontrol instead.
+        deadline = time.monotonic() + timeout_s
+        while True:
+            jobs = {j: self.jobs(j) for j in job_ids}
+            if on_poll is not None:
+                on_poll(jobs)
+            if all(t.done for tasks in jobs.values() for t in tasks):
+                return jobs
+            if time.monotonic() > deadline:
+                raise AssertionError(f"jobs not finished after {timeout_s} s: {jobs}")
+            time.sleep(1)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    _apt_install()
+    # Not under pytest's (or $TMPDIR's) private directory: munged must traverse the path.
+    cluster = Cluster(Path(tempfile.mkdtemp(prefix="pcam-slurm-", dir="/tmp")))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+def model_md5(lock_text: str) -> str:
+    outs = yaml.safe_load(lock_text)["stages"]["train"]["outs"]
+    return next(o["md5"] for o in outs if o["path"] == "models/model.pt")
+
+
+def assert_completed(job: Job) -> None:
+    assert job.state == "COMPLETED", (
+        f"job {job.job_id}: {job.state} {job.reason}\n{job.log()[-4000:]}"
+    )
+
+
+@dataclass
+class Flow:
+    repo: Path
+    cache: Path
+    remote: Path
+    prepare: Job
+    repro: Job
+    sweep_id: str
+    sweep: list[Job]
+    exp: Job
+    broken: Job
+    bench_cpu: Job
+    bench_gpu: Job
+
+
+@pytest.fixture(scope="module")
+def flow(slurm, tmp_path_factory) -> Flow:
+    base = tmp_path_factory.mktemp("slurm")
+    repo = copy_repo(base / "repo", PROFILE)
+    # The team's git remote, DVC remote and shared DVC cache (README: Running on a SLURM cluster).
+    origin, remote, cache = base / "origin.git", base / "remote", base / "cache"
+    run(["git", "init", "-q", "--bare", str(origin)], base)
+    run(["git", "remote", "add", "origin", str(origin)], repo)
+    run(["git", "push", "-q", "origin", "main"], repo)
+    remote.mkdir()
+    dvc(["remote", "add", "-d", "--local", "storage", str(remote)], repo)
+    dvc(["cache", "dir", "--local", str(cache)], repo)
+    dvc(["config", "--local", "cache.type", "symlink,hardlink"], repo)
+    dvc(["config", "--local", "cache.shared", "group"], repo)
+    grid = base / "grid.txt"
+    # Line 1: the repro job's params (its uninterrupted twin), only up to `train` to save time.
+    # Line 2: other params, the whole pipeline.
+    grid.write_text("# a comment\n-S train.seed=0 train\n\n-S train.epochs=2 -S train.lr=0.01\n")
+    tmp = base / "tmp"  # the jobs' $TMPDIR: node-local disk on a real cluster
+    tmp.mkdir()
+    e = {"TMPDIR": str(tmp)}
+
+    # The repro job starts on data nobody prepared yet, so its training starts after ~20 s of
+    # data stages; the time-limit signal comes within the first 30 s; the training either is
+    # running then or starts after it, and is told to stop as soon as it can checkpoint.
+    repro_id = slurm.sbatch(
+        repo, "repro_gpu.sbatch", options=["--time=2", "--signal=B:USR1@115"], **e
+    )
+    prepare_id = slurm.sbatch(repo, "prepare_data.sbatch", **e)
+    resumed = set()
+
+    def extend_requeued(jobs: dict[str, list[Job]]) -> None:
+        # The second run should not hit the tiny test limit again; and a requeued job is held
+        # for about two minutes (cred_expire) before it may start: release it now.
+        (job,) = jobs[repro_id] if repro_id in jobs else slurm.jobs(repro_id)
+        if job.restarts > 0 and job.state == "PENDING" and job.restarts not in resumed:
+            slurm.run(["scontrol", "update", f"JobId={repro_id}", "TimeLimit=10", "StartTime=now"])
+            resumed.add(job.restarts)
+
+    (prepare,) = slurm.wait([prepare_id], 180, extend_requeued)[prepare_id]
+    assert_completed(prepare)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "data prepared on the cluster"], repo)
+    run(["git", "push", "-q", "origin", "main"], repo)
+
+    sweep_id = slurm.sbatch(
+        repo, "sweep_array.sbatch", options=["--array=1-3"], PCAM_GRID=str(grid), **e
+    )
+    exp_id = slurm.sbatch(
+        repo, "exp_gpu.sbatch", "-n", "tiny", "-S", "train.epochs=1", "train", **e
+    )
+    broken_id = slurm.sbatch(repo, "exp_gpu.sbatch", "-n", "broken", "-S", "train.epochs=0", **e)
+    after_repro = [f"--dependency=afterok:{repro_id}"]
+    cpu_id = slurm.sbatch(
+        repo, "benchmark_cpu.sbatch", "-S", "benchmark.repeats=2", options=after_repro, **e
+    )
+    gpu_id = slurm.sbatch(repo, "benchmark_gpu.sbatch", options=after_repro, **e)
+    all_ids = [repro_id, sweep_id, exp_id, broken_id, cpu_id, gpu_id]
+    jobs = slurm.wait(all_ids, 420, extend_requeued)
+    sweep = sorted(jobs[sweep_id], key=lambda j: int(j.array_task or 0))
+    return Flow(
+        repo,
+        cache,
+        remote,
+        prepare,
+        jobs[repro_id][0],
+        sweep_id,
+        sweep,
+        jobs[exp_id][0],
+        jobs[broken_id][0],
+        jobs[cpu_id][0],
+        jobs[gpu_id][0],
+    )
+
+
+@pytest.fixture(scope="module")
+def experiments(flow) -> dict[str, dict]:
+    """Experiments in `dvc exp show` of the checkout after `dvc exp pull`, by name."""
+    dvc(["exp", "pull", "origin", "--all-commits"], flow.repo)
+    show = json.loads(dvc(["exp", "show", "--json"], flow.repo).stdout)
+    return {
+        e["name"]: e["revs"][0]["data"]
+        for commit in show
+        for e in commit.get("experiments") or []
+        if e.get("name")
+    }
+
+
+def cached(flow: Flow, md5: str) -> Path:
+    return flow.cache / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def exp_file(repo: Path, name: str, path: str) -> str:
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo).stdout.split()
+    (ref,) = [r for r in refs if r.endswith("/" + name)]
+    return run(["git", "show", f"{ref}:{path}"], repo).stdout
+
+
+def test_prepare_data_pushes_data_and_copies_lock_back(flow):
+    assert_completed(flow.prepare)
+    lock = yaml.safe_load(run(["git", "show", "HEAD:dvc.lock"], flow.repo).stdout)
+    assert {"prepare", "validate-data", "compute-stats"} <= set(lock["stages"])
+    log = flow.prepare.log()
+    assert "Running stage 'prepare'" in log
+    assert re.search(r"copied \d+ changed file\(s\) back to", log)
+    assert any(p.is_file() for p in flow.remote.rglob("*")), "nothing was pushed to the DVC remote"
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes_identically(
+    flow, experiments, tmp_path
+):
+    job = flow.repro
+    assert_completed(job)
+    assert job.restarts >= 1, "the job was never requeued"
+    log = job.log()
+    first, _, rest = log.partition("restart 1")
+    assert "SIGUSR1: the time limit is near" in first
+    assert "forwarded SIGUSR1 to PID" in first
+    assert "exited with 75" in first  # the training's "checkpointed, try again later"
+    assert "checkpoint parked" in first and f"requeueing job {job.job_id}" in first
+    assert "restored the parked checkpoint" in rest
+    assert re.search(r"train: resuming from models/model.pt at epoch \d+, batch \d+", rest)
+    assert f"epoch {EPOCHS}/{EPOCHS}:" in rest
+    # The final checkpoint (dvc.lock copied back; the model in the shared cache) is finished.
+    resumed = load_checkpoint(cached(flow, model_md5((flow.repo / "dvc.lock").read_text())))
+    assert resumed["progress"]["finished"] and resumed["progress"]["epoch"] == EPOCHS
+    # Equal to the uninterrupted twin (sweep task 1: same params and data), byte for byte but
+    # for the provenance record: the twin ran from a later commit, which it records.
+    assert_completed(flow.sweep[0])
+    lock = exp_file(flow.repo, f"pcam-sweep-{flow.sweep_id}_1", "dvc.lock")
+    twin = load_checkpoint(cached(flow, model_md5(lock)))
+    assert resumed["provenance"]["params"] == twin["provenance"]["params"]
+    for ckpt, name in ((resumed, "resumed.pt"), (twin, "twin.pt")):
+        del ckpt["provenance"]
+        save_checkpoint(tmp_path / name, ckpt)
+    assert (tmp_path / "resumed.pt").read_bytes() == (tmp_path / "twin.pt").read_bytes()
+    # A finished job leaves nothing parked.
+    assert not (flow.repo / "slurm" / "state" / job.job_id).exists()
+
+
+def test_sweep_array_gives_one_experiment_per_grid_line(flow, experiments):
+    ok, beyond = flow.sweep[:2], flow.sweep[2]
+    for task in ok:
+        assert_completed(task)
+    # Task 3 of a two-line grid fails, saying why.
+    assert beyond.state == "FAILED"
+    assert "has 2 experiment lines: submit with --array=1-2" in beyond.log()
+    names = [f"pcam-sweep-{flow.sweep_id}_{i}" for i in (1, 2)]
+    assert set(names) <= set(experiments), sorted(experiments)
+    train = [experiments[n]["params"]["params.yaml"]["data"]["train"] for n in names]
+    assert [(t["seed"], t["epochs"], t["lr"]) for t in train] == [(0, EPOCHS, 0.002), (0, 2, 0.01)]
+    # Line 2 ran the whole pipeline: its experiment carries its own evaluation.
+    for stage in ("train", "evaluate", "slice", "benchmark"):
+        assert f"Running stage '{stage}'" in ok[1].log(), stage
+    assert "metrics/eval.json" in experiments[names[1]]["metrics"]
+    # Finished or refused, no task leaves anything parked.
+    assert not list((flow.repo / "slurm" / "state").glob(f"{flow.sweep_id}_*"))
+
+
+def test_exp_gpu_runs_one_named_experiment(flow, experiments):
+    assert_completed(flow.exp)
+    assert "tiny" in experiments
+    assert experiments["tiny"]["params"]["params.yaml"]["data"]["train"]["epochs"] == 1
+    assert "Pushed experiment tiny" in flow.exp.log()
+
+
+def test_failed_experiment_fails_the_job_and_pushes_finished_stages(flow):
+    assert flow.broken.state == "FAILED"
+    log = flow.broken.log()
+    assert "train.epochs" in log  # the stage's own one-line error
+    assert "experiment broken failed" in log
+    # dvc push --run-cache: the stages that did finish can be restored elsewhere
+    assert "pushing the finished stages" in log
+    assert any(p.is_file() for p in (flow.remote / "runs").rglob("*"))
+
+
+def test_benchmarks_append_one_row_per_partition(flow):
+    for job in (flow.bench_cpu, flow.bench_gpu):
+        assert_completed(job)
+    table = (flow.repo / "slurm" / "logs" / "throughput.md").read_text().splitlines()
+    assert table[0].startswith("| partition | node |")
+    rows = {r.split("|")[1].strip(" `"): r.split("|") for r in table[2:]}
+    assert set(rows) == {CPU, GPU} and len(table) == 4
+    assert rows[CPU][6].strip() == flow.bench_cpu.job_id
+    assert rows[GPU][6].strip() == flow.bench_gpu.job_id
+    for cells in rows.values():
+        assert float(cells[4]) > 0  # img/s at batch size 1
+    logs = flow.repo / "slurm" / "logs"
+    cpu = json.loads((logs / f"benchmark-{CPU}-{flow.bench_cpu.job_id}.json").read_text())
+    gpu = json.loads((logs / f"benchmark-{GPU}-{flow.bench_gpu.job_id}.json").read_text())
+    # -S benchmark.repeats=2 applied to the CPU job only
+    assert (cpu["params"]["repeats"], gpu["params"]["repeats"]) == (2, PROFILE["benchmark.repeats"])
