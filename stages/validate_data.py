@@ -1,43 +1,46 @@
 """validate-data stage: check every split before training; write exclusions and a data report.
 
-Run by DVC (`dvc repro validate-data`). A structural problem exits 1 with one line naming the file,
-dataset and problem, and writes nothing.
+Run by DVC (`dvc repro validate-data`). A structural problem, or a content finding past a
+threshold in params.yaml (validate.*), exits 1 with one line naming the file, dataset and
+problem, and writes nothing: outputs from an earlier run stay as they were.
+
+Outputs: data/validated/exclusions.json (per split, the patches excluded for the reasons in
+validate.exclude; train and compute-stats leave out train's, evaluate reports test with and
+without test's), metrics/data.json (counts, storage, leakage, label association, slides) and
+plots/data/<reason>.png (up to 32 flagged patches per reason, one file per reason even if empty).
 """
 
 from pathlib import Path
 
-from pcam import h5io
 from pcam.errors import exit_on_user_error
 from pcam.fileio import write_json
-from pcam.validation import scan_split
+from pcam.params import load_params
+from pcam.plots import patch_grid
+from pcam.validation import validate
 
 RAW_DIR = Path("data/raw")
 EXCLUSIONS = Path("data/validated/exclusions.json")
 REPORT = Path("metrics/data.json")
+GALLERIES = Path("plots/data")
 
 
 @exit_on_user_error
 def main() -> None:
-    reports = {split: scan_split(RAW_DIR, split) for split in h5io.SPLITS}
-    # Nothing is written until every split passed: a failed check leaves no outputs.
-    write_json(
-        EXCLUSIONS,
-        {"splits": {split: {"n": r.n, "excluded": []} for split, r in reports.items()}},
-    )
-    write_json(
-        REPORT,
-        {
-            split: {
-                "n": r.n,
-                "positives": r.positives,
-                "positive_fraction": round(r.positives / r.n, 6),
-                "storage": r.storage,
-            }
-            for split, r in reports.items()
-        },
-    )
-    for r in reports.values():
-        print(f"validate-data: {r.split}: {r.n} patches, {r.positives} positive: ok")
+    p = load_params().validate
+    result = validate(RAW_DIR, p)
+    # Every check passed: only now is anything written.
+    write_json(EXCLUSIONS, result.exclusions)
+    write_json(REPORT, result.report)
+    for reason, g in result.galleries.items():
+        patch_grid(GALLERIES / f"{reason}.png", g.patches, g.captions, g.title)
+    for split, r in result.report["splits"].items():
+        found = ", ".join(f"{k} {v}" for k, v in r["flagged"].items() if v) or "nothing flagged"
+        print(
+            f"validate-data: {split}: {r['n']} patches, {r['positives']} positive; {found}; "
+            f"{r['excluded']} excluded"
+        )
+    leak = result.report["leakage"]
+    print(f"validate-data: {leak['tissue_rows_total']} valid/test patches copy earlier tissue")
 
 
 if __name__ == "__main__":

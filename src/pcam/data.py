@@ -38,7 +38,7 @@ def read_x(path: str | os.PathLike, rows: np.ndarray | None = None) -> np.ndarra
     """Read an x file into one uint8 array with contiguous slices; `rows` keeps a sorted subset."""
     f, ds = h5io.open_dataset(path, "x")
     with f:
-        if ds.dtype != np.uint8 or ds.shape[1:] != h5io.PATCH_SHAPE:
+        if ds.shape[1:] != h5io.PATCH_SHAPE or not (ds.dtype == np.uint8 or ds.dtype.kind == "f"):
             raise PcamError(
                 f"{path}: dataset 'x' is {ds.shape} {ds.dtype}, expected (N,96,96,3) uint8"
             )
@@ -55,10 +55,27 @@ def read_x(path: str | os.PathLike, rows: np.ndarray | None = None) -> np.ndarra
             window = slice(start, min(stop, start + READ_CHUNK_ROWS))
             sel = keep[(keep >= window.start) & (keep < window.stop)]
             if len(sel):
-                block = h5io.read_rows(ds, window, path)
-                out[done : done + len(sel)] = block[sel - window.start]
+                block = h5io.read_rows(ds, window, path)[sel - window.start]
+                out[done : done + len(sel)] = as_uint8(block, path, window.start)
                 done += len(sel)
     return out
+
+
+def as_uint8(block: np.ndarray, path, first_row: int) -> np.ndarray:
+    """uint8 as is; float images (validate.allow_float_images) only if they hold 0..255 integers."""
+    if block.dtype == np.uint8:
+        return block
+    if not (
+        np.all(np.isfinite(block))
+        and np.all(block == np.round(block))
+        and block.min() >= 0
+        and block.max() <= 255
+    ):
+        raise PcamError(
+            f"{path}: dataset 'x' has float pixels that are not integers in 0..255 "
+            f"(rows from {first_row}); run validate-data"
+        )
+    return block.astype(np.uint8)
 
 
 class StreamedX:

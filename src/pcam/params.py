@@ -33,6 +33,25 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     return field(metadata={"lo": lo, "hi": hi, "lo_open": lo_open})
 
 
+def _may_be_empty() -> Any:
+    """A list field where `[]` is meaningful (e.g. exclude nothing); other lists must be non-empty."""
+    return field(metadata={"may_be_empty": True})
+
+
+@dataclass(frozen=True)
+class DefectParams:
+    # Fractions of each synthetic split turned into a known defect, so validate-data has ground
+    # truth to be measured against (indices in data/raw/synthetic_defects.json; no stage reads it).
+    duplicate_rate: float = _range(0.0, 0.1)  # copies of earlier patches of the same split
+    cross_split_rate: float = _range(0.0, 0.1)  # valid/test patches replaced by train copies
+    blank_rate: float = _range(0.0, 0.1)  # near-white glass
+    black_rate: float = _range(0.0, 0.1)
+    # A checkerboard block: in train on positives only (a label-correlated backdoor), in
+    # valid/test on patches of either label.
+    trigger_rate: float = _range(0.0, 0.1)
+    trigger_px: int = _range(2, 16)  # side of the checkerboard
+
+
 @dataclass(frozen=True)
 class SyntheticParams:
     seed: int = _range(0)
@@ -43,6 +62,7 @@ class SyntheticParams:
     slides_valid: int = _range(1)
     slides_test: int = _range(1)
     hard_negative_fraction: float = _range(0.0, 1.0)
+    defects: DefectParams
 
 
 @dataclass(frozen=True)
@@ -60,6 +80,38 @@ class DataParams:
     # Splits larger than this (as uint8) are streamed from HDF5 in contiguous blocks instead of
     # being held in memory.
     memory_budget_gb: float = _range(0.0, lo_open=True)
+
+
+# Why validate-data flags a patch; `validate.exclude` picks which of them are left out of training.
+ExclusionReason = Literal[
+    "cross_split_duplicate", "duplicate", "trigger", "black", "white", "background", "uniform"
+]
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    chunk_rows: int = _range(1)  # patches per HDF5 read: bounds memory whatever the split size
+    threads: int = _range(1)  # hashing and pixel checks run on this many threads
+    # Float images are accepted only if every value is an integer in 0..255 (a lossless uint8
+    # copy); [0, 1]-scaled floats are refused: rounding them back would change pixels.
+    allow_float_images: bool
+    allow_wide_labels: bool  # labels of any integer or float dtype, if every value is 0 or 1
+    exclude: tuple[ExclusionReason, ...] = _may_be_empty()
+    # PCAM's own background rule: a patch whose max HSV saturation is below this has no tissue.
+    background_max_saturation: float = _range(0.0, 1.0)
+    white_min: int = _range(0, 255)  # a white pixel: every channel at least this
+    black_max: int = _range(0, 255)  # a black pixel: every channel at most this
+    blank_pixel_fraction: float = _range(0.0, 1.0, lo_open=True)  # white/black patch: this share
+    uniform_max_std: float = _range(0.0)  # near-uniform: brightness std below this (0..255 levels)
+    # Backdoor-trigger candidate: a block this size, every pixel dark or bright, and at least half
+    # of its neighbouring pixel pairs switching between the two (a checkerboard or stripes).
+    trigger_block_px: int = _range(2, 16)
+    trigger_dark_max: int = _range(0, 255)  # dark: every channel at most this
+    trigger_bright_min: int = _range(0, 255)  # bright: every channel at least this
+    # Fail above these: patches of a later split that are copies of tissue in an earlier split
+    # (train>valid>test), and the flagged-for-exclusion share of any split.
+    max_cross_split_duplicates: int = _range(0)
+    max_excluded_fraction: float = _range(0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -148,6 +200,7 @@ class BenchmarkParams:
 @dataclass(frozen=True)
 class Params:
     data: DataParams
+    validate: ValidateParams
     stats: StatsParams
     train: TrainParams
     evaluate: EvaluateParams
@@ -225,7 +278,10 @@ def _build(cls: type, raw: Any, prefix: str, path: Path) -> Any:
         key = prefix + f.name
         if f.name not in raw:
             raise ParamsError(f"{path}: missing key '{key}'")
-        values[f.name] = _convert(hints[f.name], raw[f.name], key, path)
+        if raw[f.name] == [] and f.metadata.get("may_be_empty"):
+            values[f.name] = ()
+        else:
+            values[f.name] = _convert(hints[f.name], raw[f.name], key, path)
         _check_range(f, values[f.name], key, path)
         check = _CUSTOM_CHECKS.get(key)
         if check and (msg := check(values[f.name])):

@@ -16,7 +16,9 @@ def channel_stats(
     """Mean and std per RGB channel on the 0..1 scale, over all rows not in `excluded`.
 
     Reads contiguous chunks of `chunk_rows` patches, so memory is bounded by one chunk whatever
-    the split size, and the result matches numpy on the whole array.
+    the split size, and the result matches numpy on the whole array. Float images (accepted by
+    validate-data only when they hold integers 0..255) are cast to uint8 per chunk, reading
+    fewer rows at a time so a chunk stays the same number of bytes.
     """
     f, ds = h5io.open_dataset(x_path, "x")
     # Integer sums are exact (no float rounding however many patches), and fast on uint8 data;
@@ -26,8 +28,8 @@ def channel_stats(
     count = 0
     excluded = np.asarray(excluded, dtype=np.int64)
     with f:
-        for rows in h5io.iter_chunks(ds.shape[0], chunk_rows):
-            block = h5io.read_rows(ds, rows, x_path)
+        for rows in h5io.iter_chunks(ds.shape[0], max(1, chunk_rows // ds.dtype.itemsize)):
+            block = h5io.read_rows(ds, rows, x_path).astype(np.uint8, copy=False)
             drop = excluded[(excluded >= rows.start) & (excluded < rows.stop)] - rows.start
             if len(drop):
                 block = np.delete(block, drop, axis=0)

@@ -1,0 +1,191 @@
+"""validate-data at PCAM scale: throughput (patches/s) and peak memory (RSS).
+
+    python scripts/validate_scale.py [--train 262144] [--valid 32768] [--test 32768]
+        [--unique-train 8192] [--unique-eval 2048] [--compression none|gzip]
+        [--repeats 2] [--workdir /tmp/validate_scale]
+
+Builds PCAM-size splits (7.2 GB of train x uncompressed, as the official files): the synthetic
+generator makes a few thousand distinct patches per split with the default defect rates
+(params.yaml: data.synthetic.defects), tiled to the requested size. Every tile but the first gets
+one marker pixel of its own, so the tiles are not duplicates of each other and the findings
+scale like real data (duplicates, blanks, triggers x tiles; leakage only from the first tile).
+
+Then runs the real stage (stages/validate_data.py, in a scratch directory whose data/raw points
+at the built files) and, separately, the library call alone (pcam.validation.validate: reading,
+hashing, pixel checks, no galleries), each in a fresh process, --repeats times, and prints a
+markdown table with the load average, wall time, patches/s, CPU time and the child's peak RSS
+(see `measure`). On a shared machine wall time follows the load; CPU time much less so.
+Targets: >= 10,000 patches/s on 2 cores, peak RSS <= 2 GiB whatever the split size. The built
+files are kept in --workdir for re-runs (delete them by hand: ~9 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pcam import h5io
+from pcam.defects import defect_count, inject, take_donors
+from pcam.params import load_params
+from pcam.synthetic import generate_split, slide_ids_for
+
+REPO = Path(__file__).resolve().parents[1]
+# Marker grey levels per split, so a tile of one split never equals a tile of another.
+MARKER_BASE = {"train": 0, "valid": 64, "test": 128}
+
+
+def build(workdir: Path, sizes: dict, unique: dict, compression: str | None) -> Path:
+    raw = workdir / ("raw_" + (compression or "none"))
+    if all(
+        h5io.split_files(raw, s)[2].is_file()
+        and h5py.File(h5io.split_files(raw, s)[0], "r")["x"].shape[0] == sizes[s]
+        for s in h5io.SPLITS
+    ):
+        return raw
+    p = load_params(REPO / "params.yaml").data.synthetic
+    donors: dict = {}
+    for i, split in enumerate(h5io.SPLITS):
+        base = generate_split(unique[split], slide_ids_for(split, 16), p.seed + i, 0.2)
+        truth = inject(split, base, p.defects, p.seed, donors.get(split))
+        if split == "train":
+            counts = {
+                s: defect_count(p.defects.cross_split_rate, unique[s]) for s in ("valid", "test")
+            }
+            donors = take_donors(base, truth, counts, p.seed)
+        write_tiled(raw, split, base, sizes[split], compression)
+        print(
+            f"built {split}: {sizes[split]:,} patches from {unique[split]:,} distinct", flush=True
+        )
+    return raw
+
+
+def write_tiled(raw: Path, split: str, base, n: int, compression: str | None) -> None:
+    copies = -(-n // len(base.y))
+    if copies > 63:
+        raise SystemExit(f"{split}: {copies} tiles need more marker levels; raise --unique-*")
+    raw.mkdir(parents=True, exist_ok=True)
+    xp, yp, mp = h5io.split_files(raw, split)
+    kw = {"compression": "gzip", "compression_opts": 1} if compression == "gzip" else {}
+    with h5py.File(xp, "w") as f:
+        ds = f.create_dataset(
+            "x", (n, 96, 96, 3), np.uint8, chunks=(h5io.WRITE_CHUNK_ROWS, 96, 96, 3), **kw
+        )
+        for k in range(copies):
+            tile = base.x.copy()
+            if k:  # one grey pixel: no colour, so blank tiles stay blank by every rule
+                tile[:, 0, 0, :] = MARKER_BASE[split] + k
+            start = k * len(tile)
+            ds[start : min(n, start + len(tile))] = tile[: n - start]
+    with h5py.File(yp, "w") as f:
+        f.create_dataset("y", data=np.resize(base.y, n).reshape(-1, 1, 1, 1), chunks=True, **kw)
+    m = base.meta
+    tiled = h5io.Meta(*(np.resize(getattr(m, c), n) for c in h5io.META_COLUMNS))
+    h5io.write_meta(mp, tiled)
+
+
+@dataclass(frozen=True)
+class Run:
+    what: str
+    seconds: float  # wall
+    cpu_seconds: float  # user + system, all threads: less sensitive to other users of the CPU
+    peak_rss_gib: float
+    ru_maxrss_gib: float
+    load: float  # 1-minute load average when it started
+    stdout: str
+
+
+def measure(what: str, body: str, cwd: Path) -> Run:
+    """Run `body` in a fresh Python process; time it and read its own resource usage.
+
+    Peak RSS is the kernel's VmHWM of the child's own address space. resource.getrusage's
+    ru_maxrss is shown too, but Linux carries the spawning process's high-water mark into it
+    (this script, when it has just generated the patches), so it can overstate the child.
+    """
+    code = (
+        f"{body}\nimport resource\n"
+        "u = resource.getrusage(resource.RUSAGE_SELF)\n"
+        "hwm = [int(s.split()[1]) for s in open('/proc/self/status') if s.startswith('VmHWM')]\n"
+        "print('usage', u.ru_utime + u.ru_stime, u.ru_maxrss, hwm[0])"
+    )
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{what} failed:\n{proc.stderr}")
+    out, _, usage = proc.stdout.rpartition("usage ")
+    cpu, maxrss, hwm = (float(v) for v in usage.split())
+    return Run(what, seconds, cpu, hwm / 2**20, maxrss / 2**20, load, out)  # KiB -> GiB
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--train", type=int, default=262_144)
+    ap.add_argument("--valid", type=int, default=32_768)
+    ap.add_argument("--test", type=int, default=32_768)
+    ap.add_argument("--unique-train", type=int, default=8192)
+    ap.add_argument("--unique-eval", type=int, default=2048)
+    ap.add_argument("--compression", choices=("none", "gzip"), default="none")
+    ap.add_argument(
+        "--repeats", type=int, default=2, help="runs of each; the first warms the page cache"
+    )
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "validate_scale")
+    args = ap.parse_args()
+    sizes = {"train": args.train, "valid": args.valid, "test": args.test}
+    unique = {"train": args.unique_train, "valid": args.unique_eval, "test": args.unique_eval}
+    compression = None if args.compression == "none" else "gzip"
+
+    t0 = time.perf_counter()
+    raw = build(args.workdir, sizes, unique, compression)
+    print(f"data ready in {time.perf_counter() - t0:.0f} s: {raw}", flush=True)
+    library = (
+        "from pcam.params import load_params\nfrom pcam.validation import validate\n"
+        "validate('data/raw', load_params().validate)"
+    )
+    stage = f"import runpy\nrunpy.run_path({str(REPO / 'stages/validate_data.py')!r}, run_name='__main__')"
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        shutil.copy(REPO / "params.yaml", scratch / "params.yaml")
+        (scratch / "data").mkdir()
+        (scratch / "data" / "raw").symlink_to(raw)
+        for _ in range(args.repeats):
+            runs.append(
+                measure("pcam.validation.validate (read, hash, pixel checks)", library, scratch)
+            )
+            runs.append(measure("stages/validate_data.py (+ reports, 7 galleries)", stage, scratch))
+
+    p = load_params(REPO / "params.yaml").validate
+    x_bytes = sum(h5io.split_files(raw, s)[0].stat().st_size for s in h5io.SPLITS)
+    total = sum(sizes.values())
+    print(runs[-1].stdout)
+    print(
+        f"\n{datetime.date.today()} | {os.cpu_count()} CPUs, validate.threads={p.threads}, "
+        f"chunk_rows={p.chunk_rows} | x files {x_bytes / 1e9:.1f} GB on disk "
+        f"({args.compression}) | each run a fresh process, imports included\n"
+    )
+    print(
+        "| what | patches | load | seconds | patches/s | CPU s | patches per CPU s | peak RSS GiB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in runs:
+        print(
+            f"| {r.what} | {total:,} | {r.load:.1f} | {r.seconds:.1f} | {total / r.seconds:,.0f} | "
+            f"{r.cpu_seconds:.1f} | {total / r.cpu_seconds:,.0f} | {r.peak_rss_gib:.2f} "
+            f"(ru_maxrss {r.ru_maxrss_gib:.2f}) |"
+        )
+
+
+if __name__ == "__main__":
+    main()
