@@ -25,8 +25,10 @@ setup: $(STAMP)
 repro: setup
 	dvc repro
 
+# PYTEST_ARGS narrows the run, e.g. PYTEST_ARGS='-m "not slurm"' where the tests cannot be root.
+PYTEST_ARGS ?=
 test: setup
-	pytest
+	pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory lock-check
 
 lock-check: setup
@@ -42,3 +44,49 @@ format: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# --- Experiment sweeps, reports for pull requests, plots that work offline --------------------
+# A grid over lr and seed (every combination):   make sweep sweep-run sweep-report
+# Override the grid or parallelism:               make sweep SWEEP_LRS=1e-3,1e-4 SWEEP_SEEDS=0,1,2,3
+# SWEEP_TARGETS=evaluate stops each experiment after `evaluate` (skips slice and benchmark).
+SWEEP_LRS ?= 1e-3,3e-4
+SWEEP_SEEDS ?= 0,1,2
+SWEEP_GRID ?= -S train.lr=$(SWEEP_LRS) -S train.seed=$(SWEEP_SEEDS)
+SWEEP_TARGETS ?=
+SWEEP_JOBS ?= 1
+REPORTS ?= reports
+BASE ?= main
+OFFLINE_PLOTS ?= .cache/offline-plots
+# Revisions for plots-offline; empty: the workspace against HEAD. E.g. PLOTS_REVS="main my-branch"
+PLOTS_REVS ?=
+
+.PHONY: sweep sweep-run sweep-report changes-report plots-offline
+
+sweep: setup
+	dvc exp run --queue $(SWEEP_GRID) $(SWEEP_TARGETS)
+
+# --run-all waits until the queue is empty (`dvc queue start -j N` returns at once and leaves the
+# workers in the background). It exits 0 even when an experiment failed, so count the failures.
+# One job per 2 cores: with train.threads=2, more jobs only slow each other down.
+sweep-run: setup
+	@failed_before=$$(dvc queue status | grep -cw Failed); \
+	dvc exp run --run-all -j $(SWEEP_JOBS) || exit 1; \
+	if [ "$$(dvc queue status | grep -cw Failed)" -gt "$$failed_before" ]; then \
+	  dvc queue status; \
+	  echo "sweep-run: experiments failed; see dvc queue logs <task>, then dvc queue remove --failed"; \
+	  exit 1; \
+	fi
+
+sweep-report: setup
+	$(PY) -m pcam.report experiments --out $(REPORTS)/experiments.md --plot $(REPORTS)/experiments.png
+
+# Markdown for a pull request: params, metrics and plots of the workspace against $(BASE).
+changes-report: setup
+	$(PY) -m pcam.report changes --base $(BASE) --out $(REPORTS)/changes.md --plots-dir $(REPORTS)/plots
+
+# `dvc plots diff` with Vega inlined (no CDN): readable on air-gapped nodes. Needs npm once.
+# mkdir: dvc creates only the last level of the -o path.
+plots-offline: setup
+	$(PY) -m pcam.offline_plots --dir $(OFFLINE_PLOTS)
+	mkdir -p $(REPORTS)
+	dvc plots diff $(PLOTS_REVS) --html-template $(OFFLINE_PLOTS)/template.html -o $(REPORTS)/plots-offline

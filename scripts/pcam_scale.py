@@ -27,13 +27,14 @@ import numpy as np
 import torch
 
 from pcam import h5io
+from pcam.benchmark import time_train_loop
 from pcam.data import Split, read_x
 from pcam.inference import predict_logits
 from pcam.models import build_model, init_weights, model_config
 from pcam.params import load_params
 from pcam.provenance import device_info
 from pcam.synthetic import generate_split, slide_ids_for
-from pcam.training import resolve_device, train
+from pcam.training import resolve_device
 
 
 def build_split(workdir: Path, patches: int, unique: int, seed: int) -> tuple[Path, Path]:
@@ -43,8 +44,12 @@ def build_split(workdir: Path, patches: int, unique: int, seed: int) -> tuple[Pa
     base = generate_split(unique, slide_ids_for("train", 16), seed, 0.2)
     workdir.mkdir(parents=True, exist_ok=True)
     with h5py.File(xp, "w") as f:
-        ds = f.create_dataset("x", shape=(patches, 96, 96, 3), dtype=np.uint8,
-                              chunks=(h5io.WRITE_CHUNK_ROWS, 96, 96, 3))
+        ds = f.create_dataset(
+            "x",
+            shape=(patches, 96, 96, 3),
+            dtype=np.uint8,
+            chunks=(h5io.WRITE_CHUNK_ROWS, 96, 96, 3),
+        )
         for start in range(0, patches, unique):
             stop = min(patches, start + unique)
             ds[start:stop] = base.x[: stop - start]
@@ -88,26 +93,20 @@ def main() -> None:
 
     for name in args.models.split(","):
         p = dataclasses.replace(
-            params.train, model=name, epochs=1, device=device.type, resume=False,
+            params.train,
+            model=name,
+            epochs=1,
+            device=device.type,
+            resume=False,
             width=args.resnet_width if name == "resnet" else params.train.width,
         )
         m = n if device.type == "cuda" or name != "resnet" else min(n, args.subset_on_cpu)
         what = "train epoch" if m == n else f"train, subset of {m}"
         split = Split("train", x[:m], y[:m], np.arange(m))
-        seen: dict = {}
-
-        class Recorder:
-            def log_metric(self, key, value, **_):
-                seen[key] = value
-
-            def next_step(self):
-                pass
-
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
-            train(p, split, valid, mean, std, Path(tmp) / "m.pt", {"params": {}}, Recorder())
-            total = time.perf_counter() - t0
-        rows.append((name, device.type, f"{what} (loop only)", m, m / seen["perf/images_per_s"]))
+        t0 = time.perf_counter()
+        loop_ips = time_train_loop(p, split, valid, mean, std)
+        total = time.perf_counter() - t0
+        rows.append((name, device.type, f"{what} (loop only)", m, m / loop_ips))
         rows.append((name, device.type, f"{what} (+ model set-up, validation)", m, total))
 
         model = build_model(model_config(p))
@@ -124,12 +123,16 @@ def main() -> None:
         rows.append((name, device.type, what, m, time.perf_counter() - t0))
 
     info = device_info(device)
-    print(f"\n{datetime.date.today()} | {info.get('gpu', info['cpu'])} | "
-          f"torch {torch.__version__} | {torch.get_num_threads()} threads\n")
+    print(
+        f"\n{datetime.date.today()} | {info.get('gpu', info['cpu'])} | "
+        f"torch {torch.__version__} | {torch.get_num_threads()} threads\n"
+    )
     print("| model | device | timed | patches | seconds | images/s |")
     print("|---|---|---|---:|---:|---:|")
     for model_name, dev, what, count, seconds in rows:
-        print(f"| {model_name} | {dev} | {what} | {count:,} | {seconds:.1f} | {count / seconds:,.0f} |")
+        print(
+            f"| {model_name} | {dev} | {what} | {count:,} | {seconds:.1f} | {count / seconds:,.0f} |"
+        )
 
 
 if __name__ == "__main__":

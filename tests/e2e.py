@@ -22,6 +22,8 @@ TINY = {
     "data.synthetic.slides_valid": 2,
     "data.synthetic.slides_test": 2,
     "train.epochs": 1,
+    "evaluate.bootstrap_resamples": 50,
+    "slice.bootstrap_resamples": 50,
     "train.batch_size": 64,
     "benchmark.batch_sizes": [1, 8],
     "benchmark.train_batch_sizes": [8],
@@ -45,7 +47,11 @@ def env() -> dict[str, str]:
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True)
+    e = env()
+    if (Path(cwd) / "src" / "pcam").is_dir():
+        # A repo copy runs its own code, not the editable install's (which may be mid-edit).
+        e["PYTHONPATH"] = str(Path(cwd) / "src")
+    proc = subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"

@@ -1,0 +1,198 @@
+"""dvc push / pull and dvc exp push / pull through a real GCS-protocol server (gcp-storage-emulator).
+
+    pytest tests/test_remote_gcs.py            # ~1 min on 2 cores; needs no network
+
+The emulator runs on 127.0.0.1 only, in memory; the repo under test gets a `--local` DVC remote
+pointing at it (endpointurl + anonymous login), the same dvc-gs/gcsfs code path as the team bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.e2e import TINY, copy_repo, dvc, run
+
+pytestmark = pytest.mark.e2e
+
+BUCKET = "pcam-test"
+PREFIX = "dvc-cache"
+STARTUP_TIMEOUT_S = 30
+# Fewer bootstrap resamples than TINY's: the CIs are not under test here; they cost seconds.
+SMALL = {**TINY, "evaluate.bootstrap_resamples": 50}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(method: str, url: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read() or b"{}")
+
+
+def _wait_until_up(proc: subprocess.Popen, url: str, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"emulator exited {proc.returncode}:\n{log.read_text()}")
+        try:
+            _http("GET", f"{url}/storage/v1/b?project=test")
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"emulator not up on {url} after {STARTUP_TIMEOUT_S} s:\n{log.read_text()}"
+                )
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def gcs_endpoint(tmp_path_factory):
+    """A running emulator with one empty bucket; stopped (and reaped) when the module ends."""
+    workdir = tmp_path_factory.mktemp("gcs-emulator")
+    log = workdir / "emulator.log"
+    url = f"http://127.0.0.1:{_free_port()}"
+    exe = Path(sys.executable).parent / "gcp-storage-emulator"
+    cmd = [str(exe), "start", "--host=127.0.0.1", f"--port={url.rsplit(':', 1)[1]}", "--in-memory"]
+    # Output to a file, not a pipe: nobody reads a pipe here, and a full one would block it.
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_until_up(proc, url, log)
+        _http("POST", f"{url}/storage/v1/b?project=test", {"name": BUCKET})
+        with pytest.MonkeyPatch.context() as mp:
+            # Otherwise gcsfs probes for hierarchical-namespace buckets over gRPC, which the
+            # emulator does not serve: every dvc call would wait 60 s for the probe to time out.
+            mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+            # Anonymous login is set per remote; no developer key should even be looked at.
+            mp.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+            yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def remote_objects(url: str) -> list[str]:
+    listing = _http("GET", f"{url}/storage/v1/b/{BUCKET}/o?prefix={PREFIX}/")
+    return [item["name"] for item in listing.get("items", [])]
+
+
+def use_emulator(repo: Path, url: str) -> None:
+    """Point the repo's default remote at the emulator, in .dvc/config.local (never committed)."""
+    dvc(["remote", "add", "--local", "-d", "emu", f"gs://{BUCKET}/{PREFIX}"], repo)
+    dvc(["remote", "modify", "--local", "emu", "endpointurl", url], repo)
+    dvc(["remote", "modify", "--local", "emu", "allow_anonymous_login", "true"], repo)
+
+
+def cached_files(repo: Path) -> list[str]:
+    """Every file of the cached outputs (not cache: false) of the stages in dvc.lock: what push
+    and pull move."""
+    defined = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    paths = []
+    for name in yaml.safe_load((repo / "dvc.lock").read_text())["stages"]:
+        for section in ("outs", "metrics", "plots"):
+            for item in defined[name].get(section, []):
+                path, opts = (item, None) if isinstance(item, str) else next(iter(item.items()))
+                if (opts or {}).get("cache", True):
+                    paths.append(repo / path)
+    files = []
+    for path in paths:
+        found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        files += [str(p.relative_to(repo)) for p in found]
+    return files
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def pushed_repo(tmp_path_factory, gcs_endpoint):
+    """A reproduced tiny repo, committed to a bare git origin, its cache pushed to the emulator."""
+    root = tmp_path_factory.mktemp("remote")
+    origin = root / "origin.git"
+    run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], root)
+    repo = copy_repo(root / "repo", SMALL)
+    use_emulator(repo, gcs_endpoint)
+    # Up to evaluate: slice and benchmark write only cache: false files, nothing to push.
+    dvc(["repro", "evaluate"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "repro"], repo)
+    run(["git", "remote", "add", "origin", str(origin)], repo)
+    run(["git", "push", "-q", "origin", "main"], repo)
+    dvc(["push"], repo)
+    return repo, origin
+
+
+def fresh_clone(origin: Path, dest: Path, config_from: Path) -> Path:
+    """A `git clone` given the same `--local` remote (the .dvc/config.local `use_emulator` wrote)."""
+    run(["git", "clone", "-q", "-b", "main", str(origin), str(dest)], dest.parent)
+    shutil.copy(config_from / ".dvc" / "config.local", dest / ".dvc" / "config.local")
+    return dest
+
+
+def test_committed_config_has_a_default_gs_remote():
+    # --project: only the committed .dvc/config, not a developer's config.local
+    listed = dvc(["config", "--list", "--project"], REPO).stdout.splitlines()
+    config = dict(line.split("=", 1) for line in listed if "=" in line)
+    default = config.get("core.remote")
+    assert default, config
+    assert config.get(f"remote.{default}.url", "").startswith("gs://"), config
+
+
+def test_pull_in_a_fresh_clone_restores_every_cached_file(pushed_repo, gcs_endpoint, tmp_path):
+    repo, origin = pushed_repo
+    files = cached_files(repo)
+    # data, model and predictions: what the README says is pushed
+    for must in ("data/raw", "models/model.pt", "data/predictions", "data/stats.json"):
+        assert any(f == must or f.startswith(must + "/") for f in files), (must, files)
+    assert remote_objects(gcs_endpoint), "dvc push stored nothing in the emulator"
+
+    clone = fresh_clone(origin, tmp_path / "clone", repo)
+    assert not (clone / "models/model.pt").exists()
+    assert not (clone / ".dvc/cache").exists()  # whatever appears comes from the emulator
+    dvc(["pull"], clone)
+    for rel in files:
+        assert (clone / rel).is_file(), f"not pulled: {rel}"
+        assert md5(clone / rel) == md5(repo / rel), f"differs after pull: {rel}"
+    assert json.loads(dvc(["status", "--json", "--with-deps", "evaluate"], clone).stdout) == {}
+
+
+def test_experiment_push_pull_apply_restores_its_model(pushed_repo, gcs_endpoint, tmp_path):
+    repo, origin = pushed_repo
+    baseline_md5 = md5(repo / "models/model.pt")
+    # Only up to `train`: its model is what must travel; evaluate & co. add time, not coverage.
+    dvc(["exp", "run", "-n", "lr-remote", "-S", "train.lr=0.01", "train"], repo)
+    exp_md5 = md5(repo / "models/model.pt")
+    assert exp_md5 != baseline_md5
+    before = set(remote_objects(gcs_endpoint))
+    dvc(["exp", "push", "origin", "lr-remote"], repo)
+    assert set(remote_objects(gcs_endpoint)) - before, "exp push uploaded no new object"
+
+    clone = fresh_clone(origin, tmp_path / "clone", repo)
+    dvc(["exp", "pull", "origin", "lr-remote"], clone)
+    assert "lr-remote" in dvc(["exp", "list"], clone).stdout
+    dvc(["exp", "apply", "lr-remote"], clone)
+    assert md5(clone / "models/model.pt") == exp_md5
+    assert "lr: 0.01" in (clone / "params.yaml").read_text()
