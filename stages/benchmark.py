@@ -14,6 +14,7 @@ import torch
 
 from pcam import benchmark as bench
 from pcam import h5io
+from pcam.allocator import keep_freed_memory
 from pcam.checkpoint import load_checkpoint, load_model
 from pcam.data import Split, load_stats, read_x
 from pcam.errors import exit_on_user_error
@@ -40,6 +41,7 @@ def main() -> None:
     full = p.profile == "full"
     repeats = p.repeats * (3 if full else 1)
     torch.set_num_threads(p.threads)
+    keep_freed_memory()  # as training does, so both sides of each ratio allocate alike
     ckpt = load_checkpoint(MODEL)
     model = load_model(ckpt, MODEL)
     mean, std = load_stats(STATS)

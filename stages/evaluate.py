@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from pcam import metrics
+from pcam.allocator import keep_freed_memory
 from pcam.checkpoint import load_checkpoint, load_model
 from pcam.data import load_excluded, load_split
 from pcam.errors import exit_on_user_error
@@ -86,6 +87,7 @@ def main() -> None:
     params = load_params()
     p = params.evaluate
     torch.set_num_threads(params.train.threads)
+    keep_freed_memory()
     ckpt = load_checkpoint(MODEL)
     model = load_model(ckpt, MODEL)
     mean = torch.tensor(ckpt["normalisation"]["mean"])

@@ -39,5 +39,5 @@ def test_loaders_deliver_the_same_normalised_batches(tiny_raw):
     from pcam.data import normalise, read_x
 
     ours = normalise(torch.from_numpy(read_x(x_path))[3:4], mean, std)[0]
-    assert torch.allclose(ds[3], ours)
+    assert torch.allclose(ds[3], ours, atol=1e-5)  # same values; fused arithmetic rounds apart
     bench.loader_naive(x_path, 16, 4, 0, mean, std)()

@@ -26,16 +26,15 @@ from sklearn.metrics import fbeta_score, roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
+from pcam.allocator import keep_freed_memory
 from pcam.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from pcam.data import (
     Split,
     StreamedX,
-    color_jitter,
     draw_color_jitter,
     draw_flip_rotate,
     flip_rotate,
-    standardise,
-    to_unit,
+    normalise,
 )
 from pcam.errors import PcamError
 from pcam.inference import predict_logits, sigmoid
@@ -246,6 +245,7 @@ def train(
     taking every world-th sample of each global batch, rank 0 alone writing files.
     """
     out_path = Path(out_path)
+    keep_freed_memory()
     set_determinism(p.seed, p.threads)
     device = resolve_device(p.device)
     if device.type == "cuda" and world > 1:
@@ -319,10 +319,7 @@ def train(
                     idx, codes = idx[rank::world], codes[rank::world]
                     jitter = jitter[rank::world] if jitter is not None else None
                 xb = x_all[idx].to(device)  # no-op when resident on the device already
-                xb = to_unit(flip_rotate(xb, codes))
-                if jitter is not None:
-                    xb = color_jitter(xb, jitter)
-                xb = standardise(xb, mean, std)
+                xb = normalise(flip_rotate(xb, codes), mean, std, jitter)
                 with autocast:
                     loss = loss_fn(fast_model(xb).float(), y_all[idx].float())
                 optimizer.zero_grad(set_to_none=True)
