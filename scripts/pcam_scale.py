@@ -104,7 +104,7 @@ def main() -> None:
         what = "train epoch" if m == n else f"train, subset of {m}"
         split = Split("train", x[:m], y[:m], np.arange(m))
         t0 = time.perf_counter()
-        loop_ips = time_train_loop(p, split, valid, mean, std)
+        loop_ips = time_train_loop(p, split, valid, mean, std, epochs=1)
         total = time.perf_counter() - t0
         rows.append((name, device.type, f"{what} (loop only)", m, m / loop_ips))
         rows.append((name, device.type, f"{what} (+ model set-up, validation)", m, total))
