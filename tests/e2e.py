@@ -107,3 +107,13 @@ def set_params(repo: Path, overrides: dict) -> None:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float) -> None:
+    """Terminate a server/daemon the test started; kill it if it does not exit in time."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.e2e import TINY, copy_repo, dvc, run
+from tests.e2e import TINY, copy_repo, dvc, run, stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -85,12 +85,7 @@ def gcs_endpoint(tmp_path_factory):
             mp.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
             yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout_s=10)
 
 
 def remote_objects(url: str) -> list[str]:

@@ -39,7 +39,7 @@ import pytest
 import yaml
 
 from pcam.checkpoint import load_checkpoint, save_checkpoint
-from tests.e2e import TINY, copy_repo, dvc, env, run
+from tests.e2e import TINY, copy_repo, dvc, env, run, stop_process
 
 pytestmark = pytest.mark.slurm
 
@@ -273,13 +273,13 @@ PartitionName={GPU} Nodes=pcam-node MaxTime=INFINITE State=UP
                 # the signal on only after two seconds.)
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid_file.read_text()), signal.SIGTERM)
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
             else:
-                p.terminate()
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+                stop_process(p, timeout_s=15)
 
     def run(self, cmd: list[str], check: bool = True, **extra) -> subprocess.CompletedProcess:
         proc = subprocess.run(cmd, env=self.env(**extra), capture_output=True, text=True)
