@@ -86,7 +86,13 @@ def main() -> None:
     y = torch.from_numpy(h5io.read_labels(yp))
     read_s = time.perf_counter() - t0
     n = len(y)
-    rows = [("(data)", "cpu", "HDF5 -> uint8 in memory", n, read_s)]
+    rows: list[tuple] = []
+
+    def record(*row) -> None:  # printed at once too: a killed run keeps what it measured
+        rows.append(row)
+        print("measured:", row, flush=True)
+
+    record("(data)", "cpu", "HDF5 -> uint8 in memory", n, read_s)
     mean = x[:4096].float().div(255).mean(dim=(0, 1, 2))
     std = x[:4096].float().div(255).std(dim=(0, 1, 2))
     valid = Split("valid", x[:1024], y[:1024], np.arange(1024))
@@ -106,8 +112,8 @@ def main() -> None:
         t0 = time.perf_counter()
         loop_ips = time_train_loop(p, split, valid, mean, std, epochs=1)
         total = time.perf_counter() - t0
-        rows.append((name, device.type, f"{what} (loop only)", m, m / loop_ips))
-        rows.append((name, device.type, f"{what} (+ model set-up, validation)", m, total))
+        record(name, device.type, f"{what} (loop only)", m, m / loop_ips)
+        record(name, device.type, f"{what} (+ model set-up, validation)", m, total)
 
         model = build_model(model_config(p))
         init_weights(model)
@@ -120,7 +126,7 @@ def main() -> None:
         predict_logits(model, x[:m], mean, std, 512, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        rows.append((name, device.type, what, m, time.perf_counter() - t0))
+        record(name, device.type, what, m, time.perf_counter() - t0)
 
     info = device_info(device)
     print(
