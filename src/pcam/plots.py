@@ -15,10 +15,10 @@ import numpy as np  # noqa: E402
 from pcam.fileio import write_bytes  # noqa: E402
 
 
-def save_figure(fig, path: str | os.PathLike) -> None:
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
     """Save a PNG atomically with fixed metadata, so identical figures give identical bytes."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
     plt.close(fig)
     write_bytes(path, buf.getvalue())
 
@@ -68,4 +68,5 @@ def patch_grid(
         axes[0, 0].text(0, 0.5, "nothing flagged", fontsize=10)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    save_figure(fig, path)
+    # ~1 screen pixel per patch pixel: sharper than upsampled tiles, and half the bytes in git.
+    save_figure(fig, path, dpi=70)
