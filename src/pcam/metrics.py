@@ -139,10 +139,6 @@ def bootstrap_ci(
     return out
 
 
-def fbeta_at(y: np.ndarray, prob: np.ndarray, threshold: float, beta: float) -> float:
-    return float(skm.fbeta_score(y, prob >= threshold, beta=beta, zero_division=0.0))
-
-
 def roc_points(y: np.ndarray, prob: np.ndarray) -> dict[str, np.ndarray]:
     fpr, tpr, thr = skm.roc_curve(y, prob)
     # roc_curve starts at threshold +inf ("nothing positive"); written out as Infinity it breaks
