@@ -69,7 +69,8 @@ def main() -> None:
                             f"img/s, p50 {r['latency_ms_p50']:.2f} ms"
                         )
         for bs in p.batch_sizes if full else p.train_batch_sizes:
-            r = bench.time_train_step(ckpt["model_config"], bs, p.warmup, repeats, device)
+            tp = dataclasses.replace(params.train, batch_size=bs, precision="fp32", compile=False)
+            r = bench.time_train_step(tp, p.warmup, repeats, device)
             training[f"{device.type}_fp32_bs{bs}"] = r
             rows.append((f"train_step_{device.type}_fp32", bs, r["images_per_s"]))
             print(f"benchmark: train step {device.type} bs {bs:4d}: {r['images_per_s']:9.0f} img/s")
@@ -94,8 +95,7 @@ def main() -> None:
     for k, v in delivery.items():
         print(f"benchmark: data delivery {k:16s}: {v['images_per_s']:9.0f} img/s")
 
-    # The real training loop (CPU, train params) vs the same model's step on pre-made tensors.
-    tp = dataclasses.replace(params.train, device="cpu", compile=False)
+    # The real training loop (CPU, train params) vs the same steps on a pre-made batch.
     m = min(p.train_loop_patches, n)
     labels = h5io.read_labels(h5io.split_files(RAW_DIR, "train")[1])
     loop_split = Split(
@@ -106,12 +106,14 @@ def main() -> None:
     )
     v = min(256, m)
     valid_small = Split("valid", loop_split.x[:v], loop_split.y[:v], loop_split.index[:v])
-    loop_ips = bench.time_train_loop(tp, loop_split, valid_small, mean, std)
+    loop = bench.compare_loop_to_premade(params.train, loop_split, valid_small, mean, std, repeats)
     torch.set_num_threads(p.threads)  # train() pins train.threads; restore ours
-    premade = bench.time_train_step(
-        ckpt["model_config"], tp.batch_size, p.warmup, repeats, torch.device("cpu")
-    )["images_per_s"]
-    print(f"benchmark: train loop {loop_ips:.0f} img/s vs pre-made tensors {premade:.0f} img/s")
+    print(
+        f"benchmark: train loop {loop['loop_images_per_s']:.0f} img/s vs pre-made batch "
+        f"{loop['premade_images_per_s']:.0f} img/s: data path overhead {loop['overhead']:.1%} "
+        f"(median of {repeats} interleaved rounds, {loop['overhead_min']:.1%} to "
+        f"{loop['overhead_max']:.1%})"
+    )
 
     best = max(inference.items(), key=lambda kv: kv[1]["images_per_s"])
     write_csv(
@@ -149,12 +151,13 @@ def main() -> None:
             ]
             if p.batch_sizes[0] == 1
             else None,
-            "train_step_images_per_s": premade,
-            "train_loop_images_per_s": loop_ips,
-            "train_loop_overhead": premade / loop_ips - 1.0,
+            "train_step_images_per_s": loop["premade_images_per_s"],
+            "train_loop_images_per_s": loop["loop_images_per_s"],
+            "train_loop_overhead": loop["overhead"],
             "loader_speedup_vs_naive": delivery["ours"]["images_per_s"] / best_naive,
             "inference": inference,
             "train_step": training,
+            "train_loop_vs_premade": loop,
             "data_delivery": delivery,
             "machine": device_info(devices()[-1])
             | {"versions": library_versions(), "threads": p.threads},

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from dvclive import Live
+
 from pcam.data import load_split, load_stats
 from pcam.errors import exit_on_user_error
 from pcam.fileio import write_json

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from pcam import benchmark as bench
 from pcam.models import build_model
+from pcam.params import load_params
+from tests.conftest import REPO
+
+
+def tiny_train(**changes):
+    p = load_params(REPO / "params.yaml").train
+    base = dict(batch_size=16, width=4, threads=1, device="cpu", epochs=4)
+    return dataclasses.replace(p, **(base | changes))
 
 
 def test_timed_excludes_warmup_and_counts_repeats():
@@ -25,8 +35,26 @@ def test_inference_and_train_step_measure_something():
     model = build_model({"model": "cnn", "width": 4})
     r = bench.time_inference(model, 4, 1, 2, torch.device("cpu"), channels_last=False)
     assert r["images_per_s"] > 0 and r["repeats"] == 2
-    t = bench.time_train_step({"model": "cnn", "width": 4}, 4, 1, 2, torch.device("cpu"))
-    assert t["images_per_s"] > 0
+    for scheduler in ("onecycle", "cosine", "plateau", "none"):
+        # onecycle raises if stepped past its total: the reference sizes it for warm-up + repeats
+        t = bench.time_train_step(tiny_train(scheduler=scheduler), 3, 4, torch.device("cpu"))
+        assert t["images_per_s"] > 0 and t["repeats"] == 4
+
+
+def test_loop_and_premade_are_interleaved_and_compared_per_round():
+    from pcam.data import Split
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, size=(40, 96, 96, 3), dtype=np.uint8))
+    y = torch.from_numpy((np.arange(40) % 2).astype(np.uint8))
+    split = Split("train", x, y, np.arange(40))
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    r = bench.compare_loop_to_premade(tiny_train(), split, split, mean, std, rounds=3)
+    assert len(r["rounds"]) == 3 and r["steps_per_epoch"] == 3  # 40 patches in batches of 16
+    ratios = [x["premade_images_per_s"] / x["loop_images_per_s"] - 1 for x in r["rounds"]]
+    assert r["overhead"] == float(np.median(ratios))
+    assert r["overhead_min"] <= r["overhead"] <= r["overhead_max"]
+    assert all(x["loop_images_per_s"] > 0 and x["premade_images_per_s"] > 0 for x in r["rounds"])
 
 
 def test_loaders_deliver_the_same_normalised_batches(tiny_raw):

@@ -5,16 +5,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import pickle
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from pcam.checkpoint import load_checkpoint, load_model, load_state_strict, save_checkpoint
-from pcam.data import Split, draw_flip_rotate, flip_rotate
+from pcam.data import (
+    Split,
+    draw_color_jitter,
+    draw_flip_rotate,
+    flip_rotate,
+    group_by_code,
+    normalise,
+)
 from pcam.errors import PcamError
 from pcam.models import build_model
 from pcam.params import load_params, to_dict
@@ -46,18 +55,20 @@ STD = torch.tensor([0.25, 0.25, 0.25])
 
 
 class SignalAtStep:
-    """Stands in for dvclive.Live; sends a real SIGTERM to this process at a chosen step."""
+    """Stands in for dvclive.Live; sends a real SIGTERM to this process after a chosen step's
+    logging (counted 1, 2, ...)."""
 
     def __init__(self, at_step: int | None):
-        self.at_step, self.step = at_step, 0
+        self.at_step, self.steps, self.step = at_step, 0, 0
 
-    def log_metric(self, *args, **kwargs):
+    def log_metric(self, name, *args, **kwargs):
+        if name == "train/lr":  # the last of a step's three per-step metrics
+            self.steps += 1
+            if self.steps == self.at_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def make_summary(self):
         pass
-
-    def next_step(self):
-        self.step += 1
-        if self.step == self.at_step:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def md5(path) -> str:
@@ -99,6 +110,52 @@ def test_sigterm_mid_epoch_then_resume_is_byte_identical(tmp_path, splits, sched
     resumed = dataclasses.replace(p, resume=True)
     train(resumed, *splits, MEAN, STD, part, prov(p))
     assert md5(part) == md5(whole)
+
+
+def test_dvclive_logs_of_an_interrupted_run_match_an_uninterrupted_one(tmp_path, splits):
+    from dvclive import Live
+
+    p = params()  # 80 patches in batches of 16: 5 steps per epoch, 2 epochs
+
+    def logs(run_dir: Path) -> dict[str, list[str]]:
+        metrics = run_dir / "plots" / "metrics"
+        return {
+            str(f.relative_to(metrics)): f.read_text().splitlines()
+            for f in sorted(metrics.rglob("*.tsv"))
+            if "perf" not in f.parts  # a timing: differs run to run
+        }
+
+    whole = Live(dir=str(tmp_path / "whole"), dvcyaml=False, save_dvc_exp=False)
+    train(p, *splits, MEAN, STD, tmp_path / "whole.pt", prov(p), whole)
+    whole.end()
+    expected = logs(tmp_path / "whole")
+    assert [r.split("\t")[0] for r in expected["train/loss.tsv"]] == ["step"] + [
+        str(s) for s in range(10)
+    ]
+    assert [r.split("\t")[0] for r in expected["val/roc_auc.tsv"]] == ["step", "5", "10"]
+    summary = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert (
+        summary["step"] == 10 and "roc_auc" in summary["val"] and "images_per_s" in summary["perf"]
+    )
+
+    live_dir = str(tmp_path / "part")
+
+    class Interrupting(Live):
+        def log_metric(self, name, *args, **kwargs):
+            super().log_metric(name, *args, **kwargs)
+            if name == "train/lr" and self.step == 6:  # the 7th step, inside epoch 2
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    live = Interrupting(dir=live_dir, dvcyaml=False, save_dvc_exp=False)
+    with pytest.raises(TrainingInterrupted):
+        train(p, *splits, MEAN, STD, tmp_path / "part.pt", prov(p), live)
+    live.end()
+    live = Live(dir=live_dir, dvcyaml=False, save_dvc_exp=False, resume=True)
+    train(
+        dataclasses.replace(p, resume=True), *splits, MEAN, STD, tmp_path / "part.pt", prov(p), live
+    )
+    live.end()
+    assert logs(tmp_path / "part") == expected
 
 
 def test_resume_refuses_checkpoint_with_other_params(tmp_path, splits):
@@ -179,14 +236,35 @@ def test_weighted_sampler_balances_classes():
 def test_flip_rotate_only_moves_pixels():
     x = torch.randint(0, 256, (64, 96, 96, 3), dtype=torch.uint8)
     codes = draw_flip_rotate(torch.Generator().manual_seed(0), 64, True, True, "cpu")
-    out = flip_rotate(x, codes)
-    assert not torch.equal(out, x)
-    for a, b in zip(x, out, strict=True):
+    order, counts = group_by_code(codes)
+    assert torch.equal(codes[order], codes.sort().values) and sum(counts) == 64
+    out = flip_rotate(x[order], counts)
+    for a, b, code in zip(x[order], out, codes[order].tolist(), strict=True):
+        # each patch is its own source under the dihedral move its code names
+        expected = torch.rot90(a.flip(1) if code & 4 else a, k=code & 3, dims=(0, 1))
+        assert torch.equal(b, expected)
         assert torch.equal(a.flatten().sort().values, b.flatten().sort().values)
+    assert len(set(codes.tolist())) == 8  # every code was exercised
     off_codes = draw_flip_rotate(torch.Generator().manual_seed(0), 64, False, False, "cpu")
     assert (off_codes == 0).all()
-    off = flip_rotate(x, off_codes)
-    assert torch.equal(off, x)
+    off_order, off_counts = group_by_code(off_codes)
+    assert torch.equal(off_order, torch.arange(64))  # stable: nothing moves
+    assert torch.equal(flip_rotate(x, off_counts), x)
+    with pytest.raises(ValueError, match="63 codes for a batch of 64"):
+        flip_rotate(x, [63] + [0] * 7)
+
+
+def test_normalise_matches_the_textbook_formula():
+    x = torch.randint(0, 256, (5, 96, 96, 3), dtype=torch.uint8)
+    mean, std = torch.tensor([0.6, 0.5, 0.7]), torch.tensor([0.2, 0.25, 0.15])
+    gain = draw_color_jitter(torch.Generator().manual_seed(0), 5, 0.1, "cpu")
+    for g in (None, gain):
+        scaled = x.float() / 255 * (1 if g is None else g)
+        expected = ((scaled - mean) / std).permute(0, 3, 1, 2)
+        got = normalise(x, mean, std, g)
+        assert got.shape == (5, 3, 96, 96) and got.dtype == torch.float32
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_checkpoint_loads_with_weights_only(tmp_path, splits):

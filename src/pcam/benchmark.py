@@ -17,11 +17,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from dvclive import Live
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pcam.data import Split, normalise, read_x
-from pcam.models import build_model, init_weights
 from pcam.params import TrainParams
 
 
@@ -104,59 +104,91 @@ def time_inference(
 
 
 def time_train_step(
-    config: dict,
-    batch_size: int,
-    warmup: int,
-    repeats: int,
-    device: torch.device,
-    precision: str = "fp32",
-    channels_last: bool = True,
+    p: TrainParams, warmup: int, repeats: int, device: torch.device
 ) -> dict[str, float]:
-    """Forward + backward + optimizer step on resident, pre-made tensors: the compute ceiling."""
-    model = build_model(config)
-    init_weights(model)
-    net = _prepare(model.train(), device, channels_last, compiled=False)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    x = _input(batch_size, device, channels_last)
-    y = (torch.arange(batch_size, device=device) % 2).float()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    loss_fn = nn.BCEWithLogitsLoss()
+    """The training loop's own optimisation step (training.Stepper: forward, backward, grad norm,
+    optimizer, scheduler) on one resident, pre-made batch: the compute ceiling at p.batch_size."""
+    from pcam.training import Stepper  # training imports this module's siblings; keep start-up lean
 
-    def step():
-        with autocast:
-            loss = loss_fn(net(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return summary(timed(step, warmup, repeats, device), batch_size)
+    stepper = Stepper.build(p, device, steps_per_epoch=-(-(warmup + repeats) // p.epochs))
+    x = _input(p.batch_size, device, p.channels_last)
+    y = torch.arange(p.batch_size, device=device) % 2
+    return summary(timed(lambda: stepper.step(x, y), warmup, repeats, device), p.batch_size)
 
 
 def time_train_loop(
     p: TrainParams, train_split: Split, valid_split: Split, mean, std, epochs: int = 2
 ) -> float:
     """images/s of the real training loop (pcam.training.train) on `train_split`: resident uint8,
-    batched augmentation and normalisation, forward/backward/step, per-step logging calls.
+    batched augmentation and normalisation, forward/backward/step, per-step DVCLive logging
+    (into a temporary directory), as the train stage runs it.
 
-    With two epochs the second one's figure is kept: the first carries the warm-up (kernel
+    With two epochs the last one's figure is kept: the first carries the warm-up (kernel
     selection, allocator growth) that the pre-made-tensor measurement excludes too."""
-    from pcam.training import train  # training imports this module's siblings; keep start-up lean
-
-    seen: dict[str, float] = {}
-
-    class Recorder:  # stands in for dvclive.Live: keeps the loop's own images/s figure
-        def log_metric(self, name, value, **_):
-            seen[name] = value
-
-        def next_step(self):
-            pass
+    from pcam.training import train
 
     p = dataclasses.replace(p, epochs=epochs, resume=False, early_stopping_patience=0)
     with tempfile.TemporaryDirectory() as tmp:
-        train(
-            p, train_split, valid_split, mean, std, Path(tmp) / "m.pt", {"params": {}}, Recorder()
-        )
-    return seen["perf/images_per_s"]
+        live = Live(dir=str(Path(tmp) / "live"), dvcyaml=False, save_dvc_exp=False)
+        train(p, train_split, valid_split, mean, std, Path(tmp) / "m.pt", {"params": {}}, live)
+        live.end()
+    return live.summary["perf"]["images_per_s"]
+
+
+def time_premade_epoch(p: TrainParams, batch: tuple[torch.Tensor, torch.Tensor], steps: int):
+    """images/s of `steps` optimisation steps on one resident batch, measured like the loop's
+    figure (images over wall time of a whole epoch, the second of two), under the loop's
+    settings: same seed, thread count, deterministic algorithms, optimizer and scheduler."""
+    from pcam.training import Stepper, set_determinism
+
+    set_determinism(p.seed, p.threads)
+    p = dataclasses.replace(p, epochs=2)
+    stepper = Stepper.build(p, torch.device("cpu"), steps_per_epoch=steps)
+    x, y = batch
+    for _ in range(steps):  # epoch 1: warm-up
+        stepper.step(x, y)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        stepper.step(x, y)
+    return steps * len(y) / (time.perf_counter() - t0)
+
+
+def compare_loop_to_premade(
+    p: TrainParams, train_split: Split, valid_split: Split, mean, std, rounds: int
+) -> dict:
+    """The data path's cost: the training loop's images/s vs the same steps on a pre-made batch.
+
+    The two are interleaved, round by round, and the overhead (pre-made / loop - 1) is taken per
+    round, then its median: on a shared machine throughput drifts by tens of percent over
+    minutes, and measuring each side once, minutes apart, compares the drift, not the code.
+    The pre-made batch is the split's first batch, normalised without augmentation.
+    """
+    p = dataclasses.replace(p, device="cpu", compile=False)
+    steps = -(-len(train_split) // p.batch_size)
+    b = min(p.batch_size, len(train_split))
+    batch = (
+        normalise(train_split.x[:b], mean, std),
+        train_split.y[:b],
+    )  # channels_last, as the loop's
+    loop, premade = [], []
+    for _ in range(rounds):
+        loop.append(time_train_loop(p, train_split, valid_split, mean, std))
+        premade.append(time_premade_epoch(p, batch, steps))
+    loop_a, premade_a = np.asarray(loop), np.asarray(premade)
+    overhead = premade_a / loop_a - 1.0
+    return {
+        "loop_images_per_s": float(np.median(loop_a)),
+        "premade_images_per_s": float(np.median(premade_a)),
+        "overhead": float(np.median(overhead)),
+        "overhead_min": float(overhead.min()),
+        "overhead_max": float(overhead.max()),
+        "rounds": [
+            {"loop_images_per_s": a, "premade_images_per_s": b}
+            for a, b in zip(loop, premade, strict=True)
+        ],
+        "steps_per_epoch": steps,
+        "batch_size": p.batch_size,
+    }
 
 
 def loader_ours(x_path: Path, n: int, batch_size: int, mean, std) -> Callable[[], None]:
