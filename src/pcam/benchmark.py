@@ -166,10 +166,8 @@ def compare_loop_to_premade(
     p = dataclasses.replace(p, device="cpu", compile=False)
     steps = -(-len(train_split) // p.batch_size)
     b = min(p.batch_size, len(train_split))
-    batch = (
-        normalise(train_split.x[:b], mean, std),
-        train_split.y[:b],
-    )  # channels_last, as the loop's
+    # channels_last, as the loop's batches are
+    batch = (normalise(train_split.x[:b], mean, std), train_split.y[:b])
     loop, premade = [], []
     for _ in range(rounds):
         loop.append(time_train_loop(p, train_split, valid_split, mean, std))
