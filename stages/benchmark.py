@@ -45,7 +45,10 @@ def main() -> None:
     ckpt = load_checkpoint(MODEL)
     model = load_model(ckpt, MODEL)
     mean, std = load_stats(STATS)
-    x_path = h5io.split_files(RAW_DIR, "train")[0]
+    x_path, y_path, _ = h5io.split_files(RAW_DIR, "train")
+    f, ds = h5io.open_dataset(x_path, "x")
+    with f:
+        n_train = ds.shape[0]
 
     rows = []  # one row per (configuration, batch size): the throughput plot
     inference, training = {}, {}
@@ -76,7 +79,7 @@ def main() -> None:
             print(f"benchmark: train step {device.type} bs {bs:4d}: {r['images_per_s']:9.0f} img/s")
 
     # Data delivery, HDF5 -> normalised batches, on the same file in the same run.
-    n = min(p.loader_patches, h5io.open_dataset(x_path, "x")[1].shape[0])
+    n = min(p.loader_patches, n_train)
     bs = params.train.batch_size
     delivery = {
         "ours": bench.summary(
@@ -97,7 +100,7 @@ def main() -> None:
 
     # The real training loop (CPU, train params) vs the same steps on a pre-made batch.
     m = min(p.train_loop_patches, n)
-    labels = h5io.read_labels(h5io.split_files(RAW_DIR, "train")[1])
+    labels = h5io.read_labels(y_path)
     loop_split = Split(
         "train",
         torch.from_numpy(read_x(x_path, np.arange(m))),

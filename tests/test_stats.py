@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pcam import h5io, plots
+from pcam.errors import PcamError
 from pcam.stats import channel_stats
 from tests.conftest import REPO, make_meta
 
@@ -52,6 +53,14 @@ def test_float_images_holding_integers_give_the_uint8_answer(tmp_path):
     )
 
 
+def test_scaled_float_images_are_refused_not_cast(tmp_path):
+    # [0, 1] floats cast to uint8 would give a mean near 0 without a word; the stage must stop.
+    x = np.random.default_rng(0).random((10, 96, 96, 3))
+    write_x(tmp_path / "f.h5", x)
+    with pytest.raises(PcamError, match=r"f\.h5: dataset 'x' has value .* at index 0"):
+        channel_stats(tmp_path / "f.h5", np.array([], dtype=np.int64), 16)
+
+
 def test_memory_is_bounded_by_chunk_rows_not_split_size(tmp_path):
     x = np.random.default_rng(1).integers(0, 256, (400, 96, 96, 3), dtype=np.uint8)
     write_x(tmp_path / "x.h5", x)
@@ -71,7 +80,7 @@ def test_memory_is_bounded_by_chunk_rows_not_split_size(tmp_path):
 
 def test_no_patch_left_is_a_user_error(tmp_path):
     write_x(tmp_path / "x.h5", np.zeros((3, 96, 96, 3), np.uint8))
-    with pytest.raises(Exception, match="no patches left after exclusions"):
+    with pytest.raises(PcamError, match="no patches left after exclusions"):
         channel_stats(tmp_path / "x.h5", np.arange(3), 2)
 
 

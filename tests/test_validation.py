@@ -222,12 +222,9 @@ def test_every_split_is_checked_before_any_is_read_in_full(tiny_raw, monkeypatch
     # A broken test CSV must not be found after minutes spent reading train's pixels.
     mpath(tiny_raw, "test").unlink()
     read = []
-    real = validation.read_into
+    real = h5io.read_rows
     monkeypatch.setattr(
-        h5io, "read_rows", lambda ds, rows, path="": read.append(ds.name) or ds[rows]
-    )
-    monkeypatch.setattr(
-        validation, "read_into", lambda ds, *a: read.append(ds.name) or real(ds, *a)
+        h5io, "read_rows", lambda ds, rows, *a: read.append(ds.name) or real(ds, rows, *a)
     )
     with pytest.raises(PcamError, match="test_meta.csv"):
         check(tiny_raw)
@@ -467,10 +464,10 @@ def test_streaming_reads_bounded_chunks_and_chunking_changes_nothing(tiny_raw, m
     write_split(tiny_raw, "train", x)
     whole = check(tiny_raw, chunk_rows=64)
     sizes = []
-    real = validation.read_into
+    real = h5io.read_rows
     monkeypatch.setattr(
-        validation,
-        "read_into",
+        h5io,
+        "read_rows",
         lambda ds, rows, *a: sizes.append((ds.name, rows.stop - rows.start)) or real(ds, rows, *a),
     )
     small = check(tiny_raw, chunk_rows=3, threads=1)

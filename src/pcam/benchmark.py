@@ -103,17 +103,29 @@ def time_inference(
     return summary(timed(step, warmup, repeats, device), batch_size)
 
 
+def _step_seconds(
+    p: TrainParams, batch: tuple[torch.Tensor, torch.Tensor], warmup: int, repeats: int, device
+) -> np.ndarray:
+    """Seconds per training.Stepper step (forward, backward, grad norm, optimizer, scheduler)
+    on one resident batch, after `warmup` untimed steps."""
+    from pcam.training import Stepper  # training imports this module's siblings; keep start-up lean
+
+    # Sized so a per-step scheduler (onecycle refuses to step past its total) lasts the run.
+    stepper = Stepper.build(p, device, steps_per_epoch=-(-(warmup + repeats) // p.epochs))
+    x, y = batch
+    return timed(lambda: stepper.step(x, y), warmup, repeats, device)
+
+
 def time_train_step(
     p: TrainParams, warmup: int, repeats: int, device: torch.device
 ) -> dict[str, float]:
-    """The training loop's own optimisation step (training.Stepper: forward, backward, grad norm,
-    optimizer, scheduler) on one resident, pre-made batch: the compute ceiling at p.batch_size."""
-    from pcam.training import Stepper  # training imports this module's siblings; keep start-up lean
-
-    stepper = Stepper.build(p, device, steps_per_epoch=-(-(warmup + repeats) // p.epochs))
-    x = _input(p.batch_size, device, p.channels_last)
-    y = torch.arange(p.batch_size, device=device) % 2
-    return summary(timed(lambda: stepper.step(x, y), warmup, repeats, device), p.batch_size)
+    """The training loop's own optimisation step on a pre-made batch: the compute ceiling at
+    p.batch_size."""
+    batch = (
+        _input(p.batch_size, device, p.channels_last),
+        torch.arange(p.batch_size, device=device) % 2,
+    )
+    return summary(_step_seconds(p, batch, warmup, repeats, device), p.batch_size)
 
 
 def time_train_loop(
@@ -137,20 +149,13 @@ def time_train_loop(
 
 def time_premade_epoch(p: TrainParams, batch: tuple[torch.Tensor, torch.Tensor], steps: int):
     """images/s of `steps` optimisation steps on one resident batch, measured like the loop's
-    figure (images over wall time of a whole epoch, the second of two), under the loop's
+    figure (images over the time of a whole epoch, after an epoch of warm-up), under the loop's
     settings: same seed, thread count, deterministic algorithms, optimizer and scheduler."""
-    from pcam.training import Stepper, set_determinism
+    from pcam.training import set_determinism
 
     set_determinism(p.seed, p.threads)
-    p = dataclasses.replace(p, epochs=2)
-    stepper = Stepper.build(p, torch.device("cpu"), steps_per_epoch=steps)
-    x, y = batch
-    for _ in range(steps):  # epoch 1: warm-up
-        stepper.step(x, y)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        stepper.step(x, y)
-    return steps * len(y) / (time.perf_counter() - t0)
+    seconds = _step_seconds(p, batch, steps, steps, torch.device("cpu"))
+    return steps * len(batch[1]) / seconds.sum()
 
 
 def compare_loop_to_premade(

@@ -56,26 +56,9 @@ def read_x(path: str | os.PathLike, rows: np.ndarray | None = None) -> np.ndarra
             sel = keep[(keep >= window.start) & (keep < window.stop)]
             if len(sel):
                 block = h5io.read_rows(ds, window, path)[sel - window.start]
-                out[done : done + len(sel)] = as_uint8(block, path, window.start)
+                out[done : done + len(sel)] = h5io.pixels_as_uint8(path, block, window.start)
                 done += len(sel)
     return out
-
-
-def as_uint8(block: np.ndarray, path, first_row: int) -> np.ndarray:
-    """uint8 as is; float images (validate.allow_float_images) only if they hold 0..255 integers."""
-    if block.dtype == np.uint8:
-        return block
-    if not (
-        np.all(np.isfinite(block))
-        and np.all(block == np.round(block))
-        and block.min() >= 0
-        and block.max() <= 255
-    ):
-        raise PcamError(
-            f"{path}: dataset 'x' has float pixels that are not integers in 0..255 "
-            f"(rows from {first_row}); run validate-data"
-        )
-    return block.astype(np.uint8)
 
 
 class StreamedX:

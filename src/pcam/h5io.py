@@ -180,15 +180,52 @@ def iter_chunks(n: int, rows: int) -> Iterator[slice]:
         yield slice(start, min(n, start + rows))
 
 
-def read_rows(ds: h5py.Dataset, rows: slice, path: Path | str = "") -> np.ndarray:
-    """Read a contiguous slice, turning HDF5 read errors (truncation, bad chunks) into PcamError."""
+def read_rows(
+    ds: h5py.Dataset, rows: slice, path: Path | str = "", out: np.ndarray | None = None
+) -> np.ndarray:
+    """Read a contiguous slice, turning HDF5 read errors (truncation, bad chunks) into PcamError.
+
+    With `out`, the rows are read into its start (returned as a view): one buffer reused over
+    many reads costs less in page faults than a fresh array per read.
+    """
     try:
-        return ds[rows]
+        if out is None:
+            return ds[rows]
+        view = out[: rows.stop - rows.start]
+        ds.read_direct(view, np.s_[rows.start : rows.stop])
+        return view
     except (OSError, RuntimeError, ValueError) as err:
         raise PcamError(
             f"{path or ds.file.filename}: dataset '{ds.name.lstrip('/')}' unreadable at rows "
             f"{rows.start}..{rows.stop - 1} ({_short(err)})"
         ) from None
+
+
+def pixels_as_uint8(path: Path | str, block: np.ndarray, start: int) -> np.ndarray:
+    """A block of x rows as uint8: as is, or float images if every value is an integer 0..255.
+
+    [0, 1]-scaled floats are refused rather than rescaled: rounding them would change pixels, and
+    a patch holding only 0s and 1s would be ambiguous. `start` is the block's first row, for the
+    error message.
+    """
+    if block.dtype == np.uint8:
+        return block
+    finite = np.isfinite(block)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite.reshape(len(block), -1).all(axis=1))[0])
+        value = block[row][~finite[row]][0]
+        raise PcamError(
+            f"{path}: dataset 'x' has a non-finite value {value} at index {start + row}"
+        )
+    bad = (block < 0) | (block > 255) | (block != np.floor(block))
+    if bad.any():
+        row = int(np.flatnonzero(bad.reshape(len(block), -1).any(axis=1))[0])
+        value = block[row][bad[row]][0]
+        raise PcamError(
+            f"{path}: dataset 'x' has value {value} at index {start + row}; float images must "
+            "hold integers 0..255 ([0, 1]-scaled images are refused: convert them to uint8)"
+        )
+    return block.astype(np.uint8)
 
 
 def read_labels(path: str | os.PathLike) -> np.ndarray:

@@ -181,7 +181,7 @@ def absent_outputs(status: dict[str, Any]) -> list[str]:
     return sorted(paths)
 
 
-def _dvc_executable() -> str | None:
+def dvc_executable() -> str | None:
     # Prefer the dvc of this interpreter's venv: CI may not have the venv's bin/ on PATH.
     beside = Path(sys.executable).parent / "dvc"
     if beside.is_file() and os.access(beside, os.X_OK):
@@ -195,7 +195,7 @@ class DvcFailed(Exception):
 
 def dvc_status(repo: Path) -> dict[str, Any]:
     """Run `dvc status --json` in `repo` and return its parsed stdout."""
-    dvc = _dvc_executable()
+    dvc = dvc_executable()
     if dvc is None:
         raise DvcFailed("dvc not found next to the Python interpreter or on PATH")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}

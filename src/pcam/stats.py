@@ -29,7 +29,7 @@ def channel_stats(
     excluded = np.asarray(excluded, dtype=np.int64)
     with f:
         for rows in h5io.iter_chunks(ds.shape[0], max(1, chunk_rows // ds.dtype.itemsize)):
-            block = h5io.read_rows(ds, rows, x_path).astype(np.uint8, copy=False)
+            block = h5io.pixels_as_uint8(x_path, h5io.read_rows(ds, rows, x_path), rows.start)
             drop = excluded[(excluded >= rows.start) & (excluded < rows.stop)] - rows.start
             if len(drop):
                 block = np.delete(block, drop, axis=0)

@@ -131,32 +131,6 @@ def check_image_dataset(path: Path, ds: h5py.Dataset, allow_float: bool) -> None
         raise PcamError(f"{path}: dataset 'x' has dtype {ds.dtype}, expected uint8")
 
 
-def as_uint8(path: Path, block: np.ndarray, start: int) -> np.ndarray:
-    """A block of float images as uint8, if every value is an integer in 0..255.
-
-    [0, 1]-scaled floats are refused rather than rescaled: rounding them would change pixels, and
-    a patch holding only 0s and 1s would be ambiguous.
-    """
-    if block.dtype == np.uint8:
-        return block
-    finite = np.isfinite(block)
-    if not finite.all():
-        row = int(np.flatnonzero(~finite.reshape(len(block), -1).all(axis=1))[0])
-        value = block[row][~finite[row]][0]
-        raise PcamError(
-            f"{path}: dataset 'x' has a non-finite value {value} at index {start + row}"
-        )
-    bad = (block < 0) | (block > 255) | (block != np.floor(block))
-    if bad.any():
-        row = int(np.flatnonzero(bad.reshape(len(block), -1).any(axis=1))[0])
-        value = block[row][bad[row]][0]
-        raise PcamError(
-            f"{path}: dataset 'x' has value {value} at index {start + row}; float images must "
-            "hold integers 0..255 ([0, 1]-scaled images are refused: convert them to uint8)"
-        )
-    return block.astype(np.uint8)
-
-
 @dataclass(frozen=True)
 class _SplitFiles:
     """One split after its cheap checks: labels, meta and storage, but no pixels read yet."""
@@ -203,23 +177,11 @@ def _read_chunks(
         # than the read itself.
         buffer = np.empty((min(rows_per_read, dx.shape[0]), *dx.shape[1:]), dtype=dx.dtype)
         for rows in h5io.iter_chunks(dx.shape[0], rows_per_read):
-            block = as_uint8(files.x_path, read_into(dx, rows, buffer, files.x_path), rows.start)
+            block = h5io.pixels_as_uint8(
+                files.x_path, h5io.read_rows(dx, rows, files.x_path, buffer), rows.start
+            )
             if on_chunk is not None:
                 on_chunk(rows.start, block)
-
-
-def read_into(ds: h5py.Dataset, rows: slice, buffer: np.ndarray, path: Path) -> np.ndarray:
-    """Rows of `ds` read into the start of `buffer` (returned as a view), errors as PcamError."""
-    out = buffer[: rows.stop - rows.start]
-    try:
-        ds.read_direct(out, np.s_[rows.start : rows.stop])
-    except (OSError, RuntimeError, ValueError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise PcamError(
-            f"{path}: dataset '{ds.name.lstrip('/')}' unreadable at rows "
-            f"{rows.start}..{rows.stop - 1} ({first})"
-        ) from None
-    return out
 
 
 # --- pixel checks ---------------------------------------------------------------------------
@@ -575,4 +537,4 @@ def _galleries(
 def _read_patch(x_path: Path, row: int) -> np.ndarray:
     f, ds = h5io.open_dataset(x_path, "x")
     with f:
-        return as_uint8(x_path, h5io.read_rows(ds, slice(row, row + 1), x_path), row)[0]
+        return h5io.pixels_as_uint8(x_path, h5io.read_rows(ds, slice(row, row + 1), x_path), row)[0]
