@@ -6,7 +6,6 @@ Outputs: data/predictions/{valid,test}.npz (index, probability, label), models/t
 and the DVC plots in plots/eval/ (+ PNG copies for people reading the repo without DVC).
 """
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from pcam.allocator import keep_freed_memory
 from pcam.checkpoint import load_checkpoint, load_model
 from pcam.data import load_excluded, load_split
 from pcam.errors import exit_on_user_error
-from pcam.fileio import atomic_path, write_csv, write_json
+from pcam.fileio import atomic_path, md5_file, write_csv, write_json
 from pcam.inference import predict_logits, sigmoid
 from pcam.params import load_params, to_dict
 from pcam.plots import curve_png
@@ -122,7 +121,7 @@ def main() -> None:
         {
             "threshold": threshold,
             "rule": str(p.threshold),
-            "model_md5": hashlib.md5(MODEL.read_bytes()).hexdigest(),
+            "model_md5": md5_file(MODEL),
         },
     )
     report["provenance"] = provenance({"evaluate": to_dict(p)}, p.bootstrap_seed)

@@ -14,7 +14,7 @@ from pcam import h5io
 from pcam.data import read_x
 from pcam.errors import PcamError, exit_on_user_error
 from pcam.fileio import write_json
-from pcam.metrics import CI_METRICS, classification_metrics
+from pcam.metrics import CI_METRICS
 from pcam.params import load_params, to_dict
 from pcam.plots import patch_grid
 from pcam.provenance import provenance
@@ -39,7 +39,8 @@ def main() -> None:
     seed = params.evaluate.bootstrap_seed
     pred = np.load(PREDICTIONS)
     index, y, prob = pred["index"], pred["label"].astype(np.int64), pred["probability"]
-    threshold = json.loads(EVAL.read_text())["threshold"]["value"]
+    evaluation = json.loads(EVAL.read_text())
+    threshold = evaluation["threshold"]["value"]
     x_path, _, meta_path = h5io.split_files(RAW_DIR, "test")
     meta = h5io.read_meta(meta_path)
     if len(meta) <= int(index.max()):
@@ -47,8 +48,8 @@ def main() -> None:
     meta = h5io.Meta(*(getattr(meta, f)[index] for f in h5io.META_COLUMNS))
     x = read_x(x_path, index)
 
-    glob = classification_metrics(y, prob, threshold)
-    global_metrics = {k: glob[k] for k in CI_METRICS}
+    # evaluate scored these very predictions at this threshold
+    global_metrics = {k: evaluation["test"][k]["value"] for k in CI_METRICS}
     masks = define_slices(patch_features(x, p.background_saturation), meta, p)
     slices = {
         name: score_slice(y, prob, threshold, mask, global_metrics, p, seed)

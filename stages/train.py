@@ -42,14 +42,14 @@ LIVE_DIR = Path("dvclive")
 def run_rank(rank: int, world: int) -> None:
     params = load_params()
     p = params.train
+    device = resolve_device(p.device)
     if world > 1:
-        backend = "nccl" if resolve_device(p.device).type == "cuda" else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world)
     mean, std = load_stats(STATS)
     budget = params.data.memory_budget_gb
     train_split = load_split(RAW_DIR, "train", EXCLUSIONS, budget)
     valid_split = load_split(RAW_DIR, "valid", memory_budget_gb=budget)
-    device = resolve_device(p.device)
     prov = provenance({"data": to_dict(params.data), "train": to_dict(p)}, p.seed, device)
     prov["world_size"] = world
     resuming = (p.resume or os.environ.get(RESUME_ENV) == "1") and MODEL.is_file()

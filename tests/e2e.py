@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,8 @@ def env() -> dict[str, str]:
     # Stage commands call `python`: make it this interpreter, whatever PATH the tests got.
     e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
     e["DVC_NO_ANALYTICS"] = "1"
+    for key in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL"):  # not those of a `make test` running us
+        e.pop(key, None)
     e.setdefault("GIT_AUTHOR_NAME", "pcam tests")
     e.setdefault("GIT_AUTHOR_EMAIL", "tests@pcam")
     e.setdefault("GIT_COMMITTER_NAME", "pcam tests")
@@ -58,6 +61,24 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
             f"stderr:\n{proc.stderr[-3000:]}"
         )
     return proc
+
+
+STAGES = ("prepare", "validate-data", "compute-stats", "train", "evaluate", "slice", "benchmark")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for servers the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_cmd(repo: Path) -> list[str]:
+    """`make` with this repo's Makefile, run in `repo`, with the venv running the tests."""
+    venv = Path(sys.executable).parent.parent
+    cmd = ["make", "--no-print-directory", "-f", str(REPO / "Makefile"), "-C", str(repo)]
+    # -o: never (re)install into the venv from a test; it is set up already.
+    return [*cmd, f"VENV={venv}", "-o", f"{venv}/.installed-stamp"]
 
 
 def dvc(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

@@ -7,7 +7,6 @@ import hashlib
 import http.server
 import re
 import shutil
-import socket
 import threading
 import urllib.parse
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pcam import download
 from pcam.download import download_pcam
 from pcam.errors import PcamError
 from pcam.h5io import SPLITS, Meta, meta_name, open_dataset, write_split, x_name, y_name
+from tests.e2e import free_port
 
 N_PATCHES = 8
 CUT_BYTES = 50_000  # where a cut-short response stops; the x .gz files are ~220 kB
@@ -253,9 +253,7 @@ def test_persistent_5xx_gives_up_after_retries(served, tmp_path):
 
 
 def test_connection_refused_is_an_error(tmp_path):
-    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # free a moment ago: nothing listens there
     with pytest.raises(PcamError, match=rf"127.0.0.1:{port}/files/{TRAIN_X_GZ}: download failed"):
         download_pcam(
             tmp_path / "raw",

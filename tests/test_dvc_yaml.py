@@ -8,8 +8,8 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import REPO
+from tests.e2e import STAGES
 
-STAGES = ("prepare", "validate-data", "compute-stats", "train", "evaluate", "slice", "benchmark")
 # Read but unable to change outputs: how patient the download is, and whether train resumes
 # (resumed runs are byte-identical to uninterrupted ones: tests/test_training.py).
 UNDECLARED_ON_PURPOSE = {"data.pcam.timeout_s", "data.pcam.retries", "train.resume"}

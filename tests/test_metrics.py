@@ -13,6 +13,7 @@ from pcam.metrics import (
     expected_calibration_error,
     metrics_with_ci,
     pr_points,
+    rates,
     roc_points,
     threshold_sweep,
 )
@@ -83,6 +84,22 @@ def test_bootstrap_ci_brackets_point_and_is_seeded(scores):
         assert ci[name]["ci_low"] < point[name] < ci[name]["ci_high"], name
     # seeded: same seed, same interval
     assert bootstrap_ci(y, prob, 0.5, 200, 0) == ci
+
+
+def test_hand_counted_rates_equal_sklearn():
+    rng = np.random.default_rng(3)
+    cases = [rng.integers(0, 2, 40) for _ in range(20)] + [np.zeros(40, int), np.ones(40, int)]
+    for i, y in enumerate(cases):
+        pred = rng.random(40) < [0.0, 0.5, 1.0][i % 3]  # includes "nothing / everything positive"
+        tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
+        got = rates(tp, fp, fn, tn)
+        assert got["f2"] == pytest.approx(skm.fbeta_score(y, pred, beta=2.0, zero_division=0.0))
+        for name, label in (("sensitivity", 1), ("specificity", 0)):
+            if (y == label).any():
+                expected = skm.recall_score(y, pred, pos_label=label, zero_division=0.0)
+                assert got[name] == pytest.approx(expected), name
+            else:
+                assert np.isnan(got[name]), name
 
 
 def test_metrics_with_ci_nests_value_and_interval(scores):

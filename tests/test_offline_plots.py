@@ -13,8 +13,6 @@ import io
 import json
 import re
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -22,8 +20,7 @@ import pytest
 
 from pcam import offline_plots
 from pcam.errors import PcamError
-from tests.conftest import REPO
-from tests.e2e import dvc, env, run
+from tests.e2e import dvc, make_cmd, run
 
 # Runs each inline <script> of the page in order, the three libraries first; the plot scripts'
 # vegaEmbed(id, spec) calls are captured, and each spec is rendered headless to SVG with Vega.
@@ -132,15 +129,12 @@ def test_make_plots_offline_page_renders_without_network(tmp_path):
     _require("npm")
     node = _require("node")
     repo = _plots_repo(tmp_path)
-    venv = Path(sys.executable).parent.parent
     reports = tmp_path / "reports"
-    make_env = {k: v for k, v in env().items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    cmd = ["make", "--no-print-directory", "-f", str(REPO / "Makefile"), "-C", str(repo)]
-    # -o: never (re)install into the venv from a test; it is set up already.
-    cmd += [f"VENV={venv}", "-o", f"{venv}/.installed-stamp", "plots-offline"]
-    cmd += [f"OFFLINE_PLOTS={tmp_path / 'vendor'}", f"REPORTS={reports}"]
-    proc = subprocess.run(cmd, cwd=repo, env=make_env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run(
+        [*make_cmd(repo), "plots-offline"]
+        + [f"OFFLINE_PLOTS={tmp_path / 'vendor'}", f"REPORTS={reports}"],
+        repo,
+    )
 
     page = reports / "plots-offline" / "index.html"
     html = page.read_text()

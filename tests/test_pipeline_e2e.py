@@ -10,11 +10,9 @@ import pytest
 from sklearn import metrics as skm
 
 from pcam import h5io
-from tests.e2e import TINY, copy_repo, dvc, read_json, run
+from tests.e2e import STAGES, TINY, copy_repo, dvc, read_json, run
 
 pytestmark = pytest.mark.e2e
-
-STAGES = ("prepare", "validate-data", "compute-stats", "train", "evaluate", "slice", "benchmark")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,21 +21,13 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.e2e import TINY, copy_repo, dvc, run, stop_process
+from tests.e2e import TINY, copy_repo, dvc, free_port, run, stop_process
 
 pytestmark = pytest.mark.e2e
 
 BUCKET = "pcam-test"
 PREFIX = "dvc-cache"
 STARTUP_TIMEOUT_S = 30
-# Fewer bootstrap resamples than TINY's: the CIs are not under test here; they cost seconds.
-SMALL = {**TINY, "evaluate.bootstrap_resamples": 50}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _http(method: str, url: str, body: dict | None = None) -> dict:
@@ -68,7 +59,7 @@ def gcs_endpoint(tmp_path_factory):
     """A running emulator with one empty bucket; stopped (and reaped) when the module ends."""
     workdir = tmp_path_factory.mktemp("gcs-emulator")
     log = workdir / "emulator.log"
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     exe = Path(sys.executable).parent / "gcp-storage-emulator"
     cmd = [str(exe), "start", "--host=127.0.0.1", f"--port={url.rsplit(':', 1)[1]}", "--in-memory"]
     # Output to a file, not a pipe: nobody reads a pipe here, and a full one would block it.
@@ -128,7 +119,7 @@ def pushed_repo(tmp_path_factory, gcs_endpoint):
     root = tmp_path_factory.mktemp("remote")
     origin = root / "origin.git"
     run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], root)
-    repo = copy_repo(root / "repo", SMALL)
+    repo = copy_repo(root / "repo", TINY)
     use_emulator(repo, gcs_endpoint)
     # Up to evaluate: slice and benchmark write only cache: false files, nothing to push.
     dvc(["repro", "evaluate"], repo)

@@ -39,7 +39,7 @@ import pytest
 import yaml
 
 from pcam.checkpoint import load_checkpoint, save_checkpoint
-from tests.e2e import TINY, copy_repo, dvc, env, run, stop_process
+from tests.e2e import TINY, copy_repo, dvc, env, free_port, run, stop_process
 
 pytestmark = pytest.mark.slurm
 
@@ -92,12 +92,6 @@ def _die_with_us() -> None:
     """Runs in a daemon's process before exec: SIGTERM it if this test process dies first."""
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: Path, n: int = 3000) -> str:
@@ -202,8 +196,8 @@ class Cluster:
             f"""\
 ClusterName=pcamtest
 SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

@@ -2,8 +2,7 @@
 
 The `prepare` stage calls this when `data.source` is `pcam`:
 
-    from pcam.download import PCAM_BASE_URL, download_pcam
-    paths = download_pcam(Path("data/raw"), PCAM_BASE_URL, cache_dir=Path(".cache/pcam"))
+    paths = download_pcam(Path("data/raw"), params.data.pcam.base_url, cache_dir=Path(".cache/pcam"))
 
 Zenodo serves x and y as gzip-compressed HDF5 (`*.h5.gz`) and the meta CSVs plain. Every file is
 first downloaded into a cache directory, resuming a partial file with an HTTP Range request, and
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import http.client
 import re
 import shutil
@@ -33,10 +31,8 @@ import h5py
 from tqdm import tqdm
 
 from pcam.errors import PcamError
-from pcam.fileio import atomic_path
+from pcam.fileio import atomic_path, md5_file
 from pcam.h5io import SPLITS, meta_name, read_meta, x_name, y_name
-
-PCAM_BASE_URL = "https://zenodo.org/records/2546921/files"
 
 # md5 of the .gz files. The table in the PCAM README (github.com/basveeling/pcam) lists the valid
 # and test rows swapped: there valid_x is d8c2... and test_x is d5b6.... The files themselves hash
@@ -115,14 +111,14 @@ def _fetch_verified(
     """Return `path` holding the verified content of `url`, downloading only what is missing."""
     expected_md5 = expected_md5.lower() if expected_md5 else None
     if path.is_file():
-        if expected_md5 is None or _md5(path) == expected_md5:
+        if expected_md5 is None or md5_file(path) == expected_md5:
             return path
         path.unlink()  # a cached file that no longer matches (disk error, edited): fetch it afresh
     # The download grows in `.part`; only a complete, verified file gets the cache name.
     part = path.with_name(path.name + ".part")
     _download(url, part, timeout_s, retries, progress)
     if expected_md5 is not None:
-        actual = _md5(part)
+        actual = md5_file(part)
         if actual != expected_md5:
             part.unlink()  # resuming a corrupt file could never fix it: the next run starts over
             raise PcamError(
@@ -196,14 +192,6 @@ def _transfer(url: str, part: Path, offset: int, timeout_s: float, progress: boo
     # http.client returns a short body without raising when the peer closes early, so the size
     # check is what detects a dropped connection (without Content-Length only md5 can).
     return total is None or part.stat().st_size == total
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)  # an integrity check, not security
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_meta(path: Path) -> None:

@@ -1,8 +1,10 @@
-"""Atomic file writes: an interrupted stage never leaves a half-written output that looks valid."""
+"""Atomic file writes (an interrupted stage never leaves a half-written output that looks valid),
+and file checksums."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -45,6 +47,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def md5_file(path: str | os.PathLike, chunk_bytes: int = 2**20) -> str:
+    """md5 of a file read in chunks (an integrity check, not security)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_csv(

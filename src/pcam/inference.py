@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.special import expit
 from torch import nn
 
 from pcam.data import normalise
@@ -28,4 +29,4 @@ def predict_logits(
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-logits))
+    return expit(logits)  # no overflow warning for very negative logits, unlike 1/(1+exp(-x))

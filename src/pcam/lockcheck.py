@@ -103,7 +103,7 @@ def find_drift(status: dict[str, Any], lock: dict[str, Any]) -> list[Drift]:
     locked = lock.get("stages") or {}
     # A deleted dependency is only absence when it is (inside) some stage's output: a clone has
     # upstream outputs missing. Outputs of `.dvc` files are not in dvc.lock, so take status's too.
-    all_outs = {_norm(path) for entry in locked.values() for path in _locked_paths(entry, "outs")}
+    all_outs = {path for entry in locked.values() for path in _locked_paths(entry, "outs")}
     all_outs |= {_norm(path) for entries in status.values() for path in _status_outs(entries)}
 
     drift: list[Drift] = []

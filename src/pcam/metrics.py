@@ -93,6 +93,19 @@ def metrics_with_ci(
     return out
 
 
+def rates(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
+    """Sensitivity, specificity (NaN when undefined) and F2 from confusion counts.
+
+    Counted by hand only where sklearn would be called hundreds of times (bootstrap resamples,
+    threshold sweeps); tests check these against sklearn's recall_score and fbeta_score.
+    """
+    return {
+        "sensitivity": tp / (tp + fn) if tp + fn else np.nan,
+        "specificity": tn / (tn + fp) if tn + fp else np.nan,
+        "f2": 5 * tp / (5 * tp + 4 * fn + fp) if tp + fn + fp else 0.0,
+    }
+
+
 def bootstrap_ci(
     y: np.ndarray,
     prob: np.ndarray,
@@ -114,17 +127,9 @@ def bootstrap_ci(
         idx = rng.integers(0, n, n)
         yb, pb, predb = y[idx], prob[idx], pred[idx]
         pos, neg = yb == 1, yb == 0
-        tp = np.sum(predb & pos)
-        fp = np.sum(predb & neg)
-        fn = np.sum(~predb & pos)
-        tn = np.sum(~predb & neg)
-        # Counting is done by hand only because calling sklearn 1000x per metric is slow; the
-        # point estimates (classification_metrics) come from sklearn and tests compare the two.
-        values = {
-            "sensitivity": tp / (tp + fn) if tp + fn else np.nan,
-            "specificity": tn / (tn + fp) if tn + fp else np.nan,
-            "f2": 5 * tp / (5 * tp + 4 * fn + fp) if tp + fn + fp else 0.0,
-        }
+        values = rates(
+            np.sum(predb & pos), np.sum(predb & neg), np.sum(~predb & pos), np.sum(~predb & neg)
+        )
         if "roc_auc" in names and pos.any() and neg.any():
             values["roc_auc"] = skm.roc_auc_score(yb, pb)
         for k in names:
@@ -165,7 +170,6 @@ def threshold_sweep(y: np.ndarray, prob: np.ndarray, steps: int = 101) -> dict[s
     rows = {"threshold": grid, "f2": [], "sensitivity": [], "specificity": []}
     for t in grid:
         tn, fp, fn, tp = skm.confusion_matrix(y, prob >= t, labels=[0, 1]).ravel()
-        rows["f2"].append(skm.fbeta_score(y, prob >= t, beta=2.0, zero_division=0.0))
-        rows["sensitivity"].append(tp / (tp + fn) if tp + fn else 0.0)
-        rows["specificity"].append(tn / (tn + fp) if tn + fp else 0.0)
+        for k, v in rates(tp, fp, fn, tn).items():
+            rows[k].append(0.0 if np.isnan(v) else v)
     return {k: np.asarray(v, dtype=np.float64) for k, v in rows.items()}

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pcam.errors import PcamError, exit_on_user_error
-from pcam.fileio import atomic_path
+from pcam.fileio import write_text
 
 
 @dataclass(frozen=True)
@@ -158,8 +158,7 @@ def build_template(dest: Path) -> str:
 def write_template(dest: Path) -> Path:
     out = dest / TEMPLATE_NAME
     html = build_template(dest)
-    with atomic_path(out) as tmp:
-        tmp.write_text(html, encoding="utf-8")
+    write_text(out, html)
     return out
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import sys
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from pcam import h5io
 from pcam.checkpoint import load_checkpoint, load_model
 from pcam.data import read_x
 from pcam.errors import PcamError, exit_on_user_error
-from pcam.fileio import atomic_path
+from pcam.fileio import atomic_path, md5_file
 from pcam.inference import predict_logits, sigmoid
 from pcam.training import resolve_device
 
@@ -69,20 +68,23 @@ def read_image(path: Path, center_crop: bool) -> np.ndarray:
     raise PcamError(f"{path}: image is {w}x{h}, expected {SIZE}x{SIZE}{hint}")
 
 
-def patches(files: list[Path], center_crop: bool) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """(source, row indices, uint8 patches) per .h5 file, and one batch for all images."""
+def patches(
+    files: list[Path], center_crop: bool
+) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+    """(source of each row, row indices, uint8 patches): one batch per .h5 file, and one batch
+    for all images."""
     images, image_paths = [], []
     for path in files:
         if path.suffix.lower() in H5_SUFFIXES:
             x = read_x(path)
-            yield str(path), np.arange(len(x)), x
+            yield [str(path)] * len(x), np.arange(len(x)), x
         elif path.suffix.lower() in IMAGE_SUFFIXES:
             images.append(read_image(path, center_crop))
             image_paths.append(str(path))
         else:
             raise PcamError(f"{path}: unsupported file type (expected .h5, .png, .jpg)")
-    for source, image in zip(image_paths, images, strict=True):
-        yield source, np.zeros(1, dtype=np.int64), image[None]
+    if images:
+        yield image_paths, np.zeros(len(images), dtype=np.int64), np.stack(images)
 
 
 def load_threshold(model_path: Path, threshold_path: Path | None, override: float | None) -> float:
@@ -95,7 +97,7 @@ def load_threshold(model_path: Path, threshold_path: Path | None, override: floa
             f"{path}: no threshold file (run `dvc repro evaluate`, or pass --threshold)"
         )
     doc = json.loads(path.read_text())
-    md5 = hashlib.md5(model_path.read_bytes()).hexdigest()
+    md5 = md5_file(model_path)
     if doc.get("model_md5") != md5:
         raise PcamError(
             f"{path}: threshold was chosen for another model (md5 differs from {model_path})"
@@ -134,13 +136,13 @@ def main(argv: list[str] | None = None) -> None:
     mean = torch.tensor(ckpt["normalisation"]["mean"])
     std = torch.tensor(ckpt["normalisation"]["std"])
     rows = []
-    for source, index, x in patches(expand_inputs(args.inputs), args.center_crop):
+    for sources, index, x in patches(expand_inputs(args.inputs), args.center_crop):
         prob = sigmoid(
             predict_logits(model, torch.from_numpy(x), mean, std, args.batch_size, device)
         )
         rows += [
             (source, int(i), float(q), int(q >= threshold))
-            for i, q in zip(index, prob, strict=True)
+            for source, i, q in zip(sources, index, prob, strict=True)
         ]
     if args.out is None:
         write_rows(sys.stdout, rows)

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,8 @@ from typing import Any
 import yaml
 
 from pcam.errors import PcamError, exit_on_user_error
-from pcam.fileio import atomic_path
+from pcam.fileio import write_text
+from pcam.lockcheck import dvc_executable
 
 DEFAULT_METRICS_FILE = "metrics/eval.json"
 MAIN_METRICS = (
@@ -318,12 +318,12 @@ def ranked(configs: list[Config], select: str, lower_is_better: bool = False) ->
 
 
 def champion(configs: list[Config], select: str, lower_is_better: bool = False) -> Config:
+    """The first of `ranked`: the best mean of `select` (a validation metric)."""
     check_select(select)
-    scored = [(s.mean, c) for c in configs if (s := c.stat(select)) is not None]
-    if not scored:
+    best = ranked(configs, select, lower_is_better)[0]
+    if best.stat(select) is None:
         raise PcamError(f"no run has the metric {select!r} ({split_metric(select)[0]})")
-    pick = min if lower_is_better else max
-    return pick(scored, key=lambda pair: pair[0])[1]
+    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +363,7 @@ def experiments_markdown(
     best = champion(configs, select, lower_is_better)
     varying = varying_params(configs)
     n_runs = sum(len(c.runs) for c in configs)
-    ordered = ranked(configs, select, lower_is_better)
+    ordered = ranked(configs, select, lower_is_better)  # best first, as champion() picks
     head = [*(varying or ["configuration"]), configs[0].seed_param + " values", "n", *metrics]
     lines = [
         f"## Experiments: {len(configs)} configuration(s), {n_runs} run(s), "
@@ -398,7 +398,7 @@ def experiments_markdown(
 
 
 def plot_experiments(
-    path: str | os.PathLike, configs: list[Config], metrics: list[str], best: Config | None = None
+    path: str | os.PathLike, configs: list[Config], metrics: list[str], best: Config
 ) -> None:
     """Each seed as a dot, mean ± std as an error bar, one panel per metric, champion starred."""
     import matplotlib.pyplot as plt  # after pcam.plots has chosen the Agg backend
@@ -434,15 +434,6 @@ def plot_experiments(
 # running dvc and git
 
 
-def _dvc_executable() -> str:
-    # The venv's dvc, also when its bin/ is not on PATH (CI, cron).
-    beside = Path(sys.executable).parent / "dvc"
-    found = str(beside) if beside.is_file() else shutil.which("dvc")
-    if found is None:
-        raise PcamError("dvc not found next to the Python interpreter or on PATH")
-    return found
-
-
 def _run(cmd: list[str], repo: Path) -> str:
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -455,7 +446,10 @@ def _run(cmd: list[str], repo: Path) -> str:
 
 
 def dvc(args: list[str], repo: Path) -> str:
-    return _run([_dvc_executable(), *args], repo)
+    found = dvc_executable()
+    if found is None:
+        raise PcamError("dvc not found next to the Python interpreter or on PATH")
+    return _run([found, *args], repo)
 
 
 def exp_show(repo: Path, rev: str | None = None) -> list[dict]:
@@ -487,12 +481,15 @@ def changes_markdown(
     html_template: Path | None = None,
 ) -> str:
     """Markdown comparing `rev` (default: the workspace) with `base`; writes the plots page."""
+    shas = {}
     for name, value in (("--base", base), ("--rev", rev)):
         if value is not None:
-            check = ["git", "rev-parse", "--verify", "--quiet", f"{value}^{{commit}}"]
-            if subprocess.run(check, cwd=repo, capture_output=True).returncode != 0:
+            check = ["git", "rev-parse", "--verify", "--quiet", "--short", f"{value}^{{commit}}"]
+            proc = subprocess.run(check, cwd=repo, capture_output=True, text=True)
+            if proc.returncode != 0:
                 raise PcamError(f"{name} {value}: not a commit, branch or tag in {repo.resolve()}")
-    base_sha = _run(["git", "rev-parse", "--short", f"{base}^{{commit}}"], repo).strip()
+            shas[name] = proc.stdout.strip()
+    base_sha = shas["--base"]
     revs = [base, *([rev] if rev else [])]
     target = f"`{rev}`" if rev else "the workspace"
     params_md = dvc(["params", "diff", *revs, "--md"], repo).strip()
@@ -533,11 +530,6 @@ def changes_markdown(
 # CLI
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def cmd_experiments(args: argparse.Namespace) -> None:
     check_select(args.select)  # before the slow `dvc exp show`
     metrics = args.metric or list(MAIN_METRICS)
@@ -563,10 +555,10 @@ def cmd_experiments(args: argparse.Namespace) -> None:
     text = experiments_markdown(configs, metrics, args.select, args.lower_is_better, notes + merged)
     print(text, end="", flush=True)  # before the plot line on stderr
     if args.out:
-        _write_text(args.out, text)
+        write_text(args.out, text)
     if args.plot:
         ordered = ranked(configs, args.select, args.lower_is_better)
-        plot_experiments(args.plot, ordered, metrics, best=ordered[0])
+        plot_experiments(args.plot, ordered, metrics, best=ordered[0])  # = champion()
         print(f"plot: {args.plot}", file=sys.stderr)
 
 
@@ -576,7 +568,7 @@ def cmd_changes(args: argparse.Namespace) -> None:
     if out is None:
         print(text, end="")
     else:
-        _write_text(out, text)
+        write_text(out, text)
         print(f"wrote {out} (plots: {args.plots_dir / 'index.html'})")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from pcam import h5io
-from pcam.metrics import CI_METRICS, bootstrap_ci, classification_metrics
+from pcam.metrics import CI_METRICS, metrics_with_ci
 from pcam.params import SliceParams
 
 FEATURE_CHUNK_ROWS = 2048
@@ -83,9 +83,7 @@ def score_slice(
     if n < p.min_size:
         out["not_scored"] = f"too small: {n} patches < slice.min_size {p.min_size}"
         return out
-    ys, ps = y[mask], prob[mask]
-    point = classification_metrics(ys, ps, threshold)
-    cis = bootstrap_ci(ys, ps, threshold, p.bootstrap_resamples, seed)
+    scored = metrics_with_ci(y[mask], prob[mask], threshold, p.bootstrap_resamples, seed)
     negatives = n - positives
     need = {
         "roc_auc": min(positives, negatives),
@@ -95,14 +93,10 @@ def score_slice(
     }
     skipped = []
     for name in CI_METRICS:
-        if need[name] < p.min_per_class or name not in point:
+        if need[name] < p.min_per_class or name not in scored:
             skipped.append(name)
             continue
-        out[name] = {
-            "value": point[name],
-            **cis.get(name, {}),
-            "gap_to_global": global_metrics[name] - point[name],
-        }
+        out[name] = {**scored[name], "gap_to_global": global_metrics[name] - scored[name]["value"]}
     if skipped:
         out["not_scored"] = (
             f"{', '.join(skipped)}: fewer than slice.min_per_class={p.min_per_class} "
