@@ -314,8 +314,10 @@ def slurm():
     cluster = Cluster(Path(tempfile.mkdtemp(prefix="pcam-slurm-", dir="/tmp")))
     try:
         cluster.start()
+        _DAEMON_LOGS.append(cluster.root / "logs")
         yield cluster
     finally:
+        _DAEMON_LOGS.clear()
         cluster.stop()
         shutil.rmtree(cluster.root, ignore_errors=True)
 
@@ -327,8 +329,27 @@ def model_md5(lock_text: str) -> str:
 
 def assert_completed(job: Job) -> None:
     assert job.state == "COMPLETED", (
-        f"job {job.job_id}: {job.state} {job.reason}\n{job.log()[-4000:]}"
+        f"job {job.job_id}: {job.state} {job.reason}\n{job.log()[-4000:]}\n"
+        f"--- what slurmctld/slurmd logged about it\n{daemon_lines(job.job_id)}"
     )
+
+
+# The running cluster's log directory (set by the `slurm` fixture), for failure messages: a job
+# that fails before its script prints anything is explained only there.
+_DAEMON_LOGS: list[Path] = []
+
+
+def daemon_lines(job_id: str, limit: int = 60) -> str:
+    pattern = re.compile(rf"(JobId=|job |StepId=|job_id=){re.escape(job_id.split('_')[0])}\b")
+    lines = [
+        f"{log.name}: {line}"
+        for logs in _DAEMON_LOGS
+        for log in (logs / "slurmctld.log", logs / "slurmd.log")
+        if log.is_file()
+        for line in log.read_text(errors="replace").splitlines()
+        if pattern.search(line)
+    ]
+    return "\n".join(lines[-limit:]) or "(nothing)"
 
 
 @dataclass
