@@ -32,7 +32,7 @@ from pcam.data import Split, read_x
 from pcam.inference import predict_logits
 from pcam.models import build_model, init_weights, model_config
 from pcam.params import load_params
-from pcam.provenance import device_info
+from pcam.provenance import machine_info
 from pcam.synthetic import generate_split, slide_ids_for
 from pcam.training import resolve_device
 
@@ -128,7 +128,7 @@ def main() -> None:
             torch.cuda.synchronize()
         record(name, device.type, what, m, time.perf_counter() - t0)
 
-    info = device_info(device)
+    info = machine_info(device)
     print(
         f"\n{datetime.date.today()} | {info.get('gpu', info['cpu'])} | "
         f"torch {torch.__version__} | {torch.get_num_threads()} threads\n"

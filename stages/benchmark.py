@@ -9,6 +9,9 @@ the top level), plots/benchmark/throughput.csv (a DVC plot) and plots/benchmark/
 import dataclasses
 from pathlib import Path
 
+import pcam  # noqa: F401  (first: pins the CPU numerics before numpy and torch load)
+
+# isort: split
 import numpy as np
 import torch
 
@@ -21,7 +24,7 @@ from pcam.errors import exit_on_user_error
 from pcam.fileio import write_csv, write_json
 from pcam.params import load_params, to_dict
 from pcam.plots import curve_png
-from pcam.provenance import device_info, library_versions
+from pcam.provenance import library_versions, machine_info
 
 RAW_DIR = Path("data/raw")
 STATS = Path("data/stats.json")
@@ -162,7 +165,7 @@ def main() -> None:
             "train_step": training,
             "train_loop_vs_premade": loop,
             "data_delivery": delivery,
-            "machine": device_info(devices()[-1])
+            "machine": machine_info(devices()[-1])
             | {"versions": library_versions(), "threads": p.threads},
             "params": to_dict(p),
         },

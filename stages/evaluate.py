@@ -8,6 +8,9 @@ and the DVC plots in plots/eval/ (+ PNG copies for people reading the repo witho
 
 from pathlib import Path
 
+import pcam  # noqa: F401  (first: pins the CPU numerics before numpy and torch load)
+
+# isort: split
 import numpy as np
 import torch
 
@@ -124,7 +127,9 @@ def main() -> None:
             "model_md5": md5_file(MODEL),
         },
     )
-    report["provenance"] = provenance({"evaluate": to_dict(p)}, p.bootstrap_seed)
+    report["provenance"] = provenance(
+        {"evaluate": to_dict(p)}, p.bootstrap_seed, inputs=[MODEL, EXCLUSIONS]
+    )
     write_json(METRICS, report)
     t = report["test"]
     print(

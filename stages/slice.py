@@ -8,6 +8,9 @@ confident false negatives/positives overall and in the worst slice (plots/slices
 import json
 from pathlib import Path
 
+import pcam  # noqa: F401  (first: pins the CPU numerics before numpy and torch load)
+
+# isort: split
 import numpy as np
 
 from pcam import h5io
@@ -96,7 +99,7 @@ def main() -> None:
             "slices": slices,
             "worst_slice": worst,
             "warnings": warnings,
-            "provenance": provenance({"slice": to_dict(p)}, seed),
+            "provenance": provenance({"slice": to_dict(p)}, seed, inputs=[PREDICTIONS]),
         },
     )
     for name, s in slices.items():

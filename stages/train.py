@@ -1,8 +1,9 @@
 """train stage: train the model chosen by train.model -> models/model.pt, metrics/train.json, dvclive/.
 
 Run by DVC (`dvc repro train`, `dvc exp run -S train.lr=1e-4`). On SIGTERM/SIGUSR1 (SLURM's
-warning before a time limit) it saves a checkpoint and exits 75; run again with
-PCAM_RESUME=1 (or train.resume: true) to continue where it stopped, with identical results.
+warning before a time limit, preemption, scancel) it saves a checkpoint to
+.cache/checkpoints/train.pt and exits 75; run again with PCAM_RESUME=1 to continue where it
+stopped, with identical results. models/model.pt is written only when training finishes.
 
 Multi-process: with train.devices > 1 this script spawns that many DistributedDataParallel
 ranks itself (gloo on CPU, nccl on GPU); under `torchrun` or `srun` (WORLD_SIZE and RANK set)
@@ -14,6 +15,9 @@ import socket
 import sys
 from pathlib import Path
 
+import pcam  # noqa: F401  (first: pins the CPU numerics before numpy and torch load)
+
+# isort: split
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from dvclive import Live
@@ -35,6 +39,8 @@ RAW_DIR = Path("data/raw")
 EXCLUSIONS = Path("data/validated/exclusions.json")
 STATS = Path("data/stats.json")
 MODEL = Path("models/model.pt")
+# The resumable state: outside DVC's outputs (DVC deletes those before a run) and git-ignored.
+CHECKPOINT = Path(".cache/checkpoints/train.pt")
 METRICS = Path("metrics/train.json")
 LIVE_DIR = Path("dvclive")
 
@@ -50,23 +56,41 @@ def run_rank(rank: int, world: int) -> None:
     budget = params.data.memory_budget_gb
     train_split = load_split(RAW_DIR, "train", EXCLUSIONS, budget)
     valid_split = load_split(RAW_DIR, "valid", memory_budget_gb=budget)
-    prov = provenance({"data": to_dict(params.data), "train": to_dict(p)}, p.seed, device)
-    prov["world_size"] = world
-    resuming = (p.resume or os.environ.get(RESUME_ENV) == "1") and MODEL.is_file()
-    # dvcyaml=False/save_dvc_exp=False: dvc.yaml declares these files; DVCLive must not rewrite it
-    # or create stray experiments when this script runs outside `dvc exp run`.
-    live = (
-        Live(dir=str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False, resume=resuming)
-        if rank == 0
-        else None
+    inputs = [
+        RAW_DIR / f"camelyonpatch_level_2_split_{s}_{xy}.h5"
+        for s in ("train", "valid")
+        for xy in "xy"
+    ]
+    prov = provenance(
+        {"data": to_dict(params.data), "train": to_dict(p)},
+        p.seed,
+        device,
+        [*inputs, EXCLUSIONS, STATS],
     )
+    prov["world_size"] = world
+    # dvcyaml=False/save_dvc_exp=False: dvc.yaml declares these files; DVCLive must not rewrite it
+    # or create stray experiments when this script runs outside `dvc exp run`. A fresh directory
+    # each time: a resumed run writes the rows logged before the interruption again itself.
+    live = Live(dir=str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False) if rank == 0 else None
     try:
-        prog = train(p, train_split, valid_split, mean, std, MODEL, prov, live, rank, world)
+        prog = train(
+            p,
+            train_split,
+            valid_split,
+            mean,
+            std,
+            MODEL,
+            prov,
+            live,
+            rank,
+            world,
+            checkpoint_path=CHECKPOINT,
+        )
     except TrainingInterrupted as stop:
         if rank == 0:
             print(
-                f"train: stopped by {stop}; checkpoint saved to {MODEL}. Resume with "
-                f"{RESUME_ENV}=1 (or train.resume: true).",
+                f"train: stopped by {stop}; checkpoint saved to {CHECKPOINT}. Resume with "
+                f"{RESUME_ENV}=1 dvc repro (or {RESUME_ENV}=1 python stages/train.py).",
                 file=sys.stderr,
             )
         sys.exit(EXIT_INTERRUPTED)

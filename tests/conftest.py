@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pcam  # noqa: F401  (first: the tests run with the CPU numerics pinned, as the stages do)
+
+# isort: split
 import numpy as np
 import pytest
 

@@ -10,9 +10,8 @@ import yaml
 from tests.conftest import REPO
 from tests.e2e import STAGES
 
-# Read but unable to change outputs: how patient the download is, and whether train resumes
-# (resumed runs are byte-identical to uninterrupted ones: tests/test_training.py).
-UNDECLARED_ON_PURPOSE = {"data.pcam.timeout_s", "data.pcam.retries", "train.resume"}
+# Read but unable to change outputs: how patient the download is.
+UNDECLARED_ON_PURPOSE = {"data.pcam.timeout_s", "data.pcam.retries"}
 
 
 def dvc_yaml() -> dict:

@@ -27,7 +27,7 @@ from pcam.data import (
 from pcam.errors import PcamError
 from pcam.models import build_model
 from pcam.params import load_params, to_dict
-from pcam.training import TrainingInterrupted, epoch_order, train
+from pcam.training import RESUME_ENV, TrainingInterrupted, epoch_order, train
 from tests.conftest import REPO
 
 
@@ -99,17 +99,24 @@ def test_sigterm_mid_epoch_then_resume_is_byte_identical(tmp_path, splits, sched
     whole = tmp_path / "whole.pt"
     train(p, *splits, MEAN, STD, whole, prov(p))
 
-    part = tmp_path / "part.pt"
-    with pytest.raises(TrainingInterrupted, match="SIGTERM"):
-        train(p, *splits, MEAN, STD, part, prov(p), live=SignalAtStep(3))  # mid epoch 1 (5 steps)
-    ckpt = load_checkpoint(part)
+    part, partial = tmp_path / "part.pt", tmp_path / "ckpt" / "train.pt"
+    part.write_bytes(b"the last finished model")
+    with pytest.raises(TrainingInterrupted, match="SIGTERM"):  # mid epoch 1 (5 steps)
+        train(p, *splits, MEAN, STD, part, prov(p), SignalAtStep(3), checkpoint_path=partial)
+    # The interrupted run left its state aside and did not touch the finished model.
+    assert part.read_bytes() == b"the last finished model"
+    ckpt = load_checkpoint(partial)
     assert ckpt["progress"]["batch"] == 3 and not ckpt["progress"]["finished"]
     with pytest.raises(PcamError, match="unfinished run"):
-        load_model(ckpt, part)
+        load_model(ckpt, partial)
 
-    resumed = dataclasses.replace(p, resume=True)
-    train(resumed, *splits, MEAN, STD, part, prov(p))
+    os.environ[RESUME_ENV] = "1"
+    try:
+        train(p, *splits, MEAN, STD, part, prov(p), checkpoint_path=partial)
+    finally:
+        del os.environ[RESUME_ENV]
     assert md5(part) == md5(whole)
+    assert not partial.exists()  # removed once the model is written
 
 
 def test_dvclive_logs_of_an_interrupted_run_match_an_uninterrupted_one(tmp_path, splits):
@@ -122,7 +129,6 @@ def test_dvclive_logs_of_an_interrupted_run_match_an_uninterrupted_one(tmp_path,
         return {
             str(f.relative_to(metrics)): f.read_text().splitlines()
             for f in sorted(metrics.rglob("*.tsv"))
-            if "perf" not in f.parts  # a timing: differs run to run
         }
 
     whole = Live(dir=str(tmp_path / "whole"), dvcyaml=False, save_dvc_exp=False)
@@ -134,9 +140,8 @@ def test_dvclive_logs_of_an_interrupted_run_match_an_uninterrupted_one(tmp_path,
     ]
     assert [r.split("\t")[0] for r in expected["val/roc_auc.tsv"]] == ["step", "5", "10"]
     summary = json.loads((tmp_path / "whole" / "metrics.json").read_text())
-    assert (
-        summary["step"] == 10 and "roc_auc" in summary["val"] and "images_per_s" in summary["perf"]
-    )
+    assert summary["step"] == 10 and "roc_auc" in summary["val"]
+    assert "perf" not in summary  # no timings in what DVC hashes
 
     live_dir = str(tmp_path / "part")
 
@@ -150,12 +155,18 @@ def test_dvclive_logs_of_an_interrupted_run_match_an_uninterrupted_one(tmp_path,
     with pytest.raises(TrainingInterrupted):
         train(p, *splits, MEAN, STD, tmp_path / "part.pt", prov(p), live)
     live.end()
-    live = Live(dir=live_dir, dvcyaml=False, save_dvc_exp=False, resume=True)
-    train(
-        dataclasses.replace(p, resume=True), *splits, MEAN, STD, tmp_path / "part.pt", prov(p), live
-    )
+    # Rows logged after the last save (none here: SIGTERM saves at the step) or a stray run
+    # in between must not survive: the resumed run starts a fresh directory and replays.
+    (Path(live_dir) / "plots" / "metrics" / "train" / "loss.tsv").write_text("step\tloss\n99\t9\n")
+    live = Live(dir=live_dir, dvcyaml=False, save_dvc_exp=False)
+    os.environ[RESUME_ENV] = "1"
+    try:
+        train(p, *splits, MEAN, STD, tmp_path / "part.pt", prov(p), live)
+    finally:
+        del os.environ[RESUME_ENV]
     live.end()
     assert logs(tmp_path / "part") == expected
+    assert md5(tmp_path / "part.pt") == md5(tmp_path / "whole.pt")
 
 
 def test_resume_refuses_checkpoint_with_other_params(tmp_path, splits):
@@ -163,9 +174,17 @@ def test_resume_refuses_checkpoint_with_other_params(tmp_path, splits):
     path = tmp_path / "m.pt"
     with pytest.raises(TrainingInterrupted):
         train(p, *splits, MEAN, STD, path, prov(p), live=SignalAtStep(2))
-    other = dataclasses.replace(p, lr=0.5, resume=True)
-    with pytest.raises(PcamError, match=r"cannot resume.*train.lr: 0.002 -> 0.5"):
-        train(other, *splits, MEAN, STD, path, prov(other))
+    other = dataclasses.replace(p, lr=0.5)
+    os.environ[RESUME_ENV] = "1"
+    try:
+        with pytest.raises(PcamError, match=r"cannot resume.*params train.lr: 0.002 -> 0.5"):
+            train(other, *splits, MEAN, STD, path, prov(other))
+        # Same params, other code (or data): refused too.
+        changed = prov(p) | {"code": {"pcam/training.py": "0" * 32}}
+        with pytest.raises(PcamError, match=r"cannot resume.*code pcam/training.py"):
+            train(p, *splits, MEAN, STD, path, changed)
+    finally:
+        del os.environ[RESUME_ENV]
 
 
 def test_early_stopping_keeps_best_epoch(tmp_path, splits):

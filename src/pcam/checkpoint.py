@@ -83,8 +83,7 @@ def load_model(ckpt: dict, path: str | os.PathLike = "checkpoint") -> nn.Module:
     if not progress.get("finished", False):
         raise PcamError(
             f"{path}: checkpoint of an unfinished run (stopped after {progress.get('epoch', '?')} "
-            f"epochs, step {progress.get('step', '?')}); resume it with train.resume: true or "
-            f"PCAM_RESUME=1"
+            f"epochs, step {progress.get('step', '?')}); resume it with PCAM_RESUME=1"
         )
     model = build_model(ckpt["model_config"])
     load_state_strict(model, progress.get("best_state") or ckpt["model_state"], path)

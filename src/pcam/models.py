@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pcam import numerics
 from pcam.params import TrainParams
 
 
@@ -144,6 +145,7 @@ def model_config(p: TrainParams) -> dict:
 
 
 def build_model(config: dict) -> nn.Module:
+    numerics.configure_torch()  # oneDNN off, VML warmed up: before the model runs anything
     if config["model"] == "cnn":
         return SmallCNN(config["width"])
     if config["model"] == "resnet":

@@ -145,7 +145,6 @@ class TrainParams:
     early_stopping_patience: int = _range(0)  # epochs without val ROC-AUC gain; 0 = off
     sampler: Literal["shuffle", "weighted"]
     augment: AugmentParams
-    resume: bool  # continue from models/model.pt (or set PCAM_RESUME=1, for cluster jobs)
     device: Literal["auto", "cpu", "cuda"]
     # Processes for DistributedDataParallel (nccl on GPU, gloo on CPU); 1 = a single process.
     # Under torchrun/srun (WORLD_SIZE set) the launcher's world size is used instead.

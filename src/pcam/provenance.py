@@ -1,37 +1,28 @@
-"""What produced an artefact: params, code version, seed, library versions, device and threads."""
+"""What produced an artefact: params, seed, the hashes of the code and data it was made from,
+library versions, device and the CPU numerics pins.
+
+Everything here goes into files DVC hashes (model.pt, metrics), so it must be equal for equal
+inputs on any machine: no git commit (it changes with every README edit and says "dirty" under
+`dvc exp run`), clock time, host name or absolute path. DVC maps commits to outputs itself, through
+dvc.lock. The CPU model explains timings, not results (the numerics are pinned): it goes into
+the benchmark's output (`machine_info`), which holds timings anyway.
+"""
 
 from __future__ import annotations
 
+import os
 import platform
-import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
-_LIBRARIES = ("torch", "numpy", "h5py", "scikit-learn", "dvc", "dvclive")
+from pcam import numerics
+from pcam.fileio import md5_file
 
-
-def git_commit(repo: str | Path = ".") -> str | None:
-    """HEAD commit (with a '-dirty' suffix for uncommitted changes); None outside a git checkout.
-
-    Only recorded, never hashed into outputs that DVC compares: under `dvc exp run` the tree is
-    dirty by design and the commit is not part of what makes a result.
-    """
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return sha + ("-dirty" if dirty else "")
+_LIBRARIES = ("torch", "numpy", "scipy", "h5py", "scikit-learn", "dvc", "dvclive")
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def library_versions() -> dict[str, str]:
@@ -44,37 +35,97 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def code_hashes() -> dict[str, str]:
+    """md5 of the running script (a stage) and of every pcam module it has loaded, by path
+    relative to the package's parent (`pcam/training.py`, `stages/train.py`)."""
+    files = {
+        Path(m.__file__).resolve()
+        for name, m in list(sys.modules.items())
+        if (name == "pcam" or name.startswith("pcam.")) and getattr(m, "__file__", None)
+    }
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main and Path(main).name != "__main__.py" and Path(main).parent.name == "stages":
+        files.add(Path(main).resolve())
+    hashes = {}
+    for path in sorted(files):
+        rel = path.relative_to(_PACKAGE_DIR.parent) if path.is_relative_to(_PACKAGE_DIR) else None
+        key = str(rel) if rel else f"stages/{path.name}"
+        hashes[key] = md5_file(path)
+    return hashes
+
+
+def data_hashes(paths) -> dict[str, str]:
+    """md5 of each input file, by the path the stage gave (relative to the repo)."""
+    out = {}
+    for path in paths:
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            out[f.as_posix()] = md5_file(f)
+    return out
+
+
 def device_info(device: torch.device | str = "cpu") -> dict[str, object]:
+    """The device and what decides its kernels; equal on every machine running the pinned path."""
     device = torch.device(device)
     info: dict[str, object] = {
-        "device": str(device),
+        "device": device.type,
         "machine": platform.machine(),
-        "cpu": _cpu_model(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_numerics": numerics.record(),
     }
     if device.type == "cuda":
+        # GPU kernels are not pinned: results are identical on the same GPU model only.
         props = torch.cuda.get_device_properties(device)
         info["gpu"] = props.name
-        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
     return info
 
 
-def _cpu_model() -> str:
+def machine_info(device: torch.device | str = "cpu") -> dict[str, object]:
+    """The machine itself, for outputs that hold timings: CPU model, ISA flags, cores, GPU."""
+    info = device_info(device) | {
+        "cpu": _cpu_model(),
+        "cpu_isa": _cpu_isa(),
+        "cores": os.cpu_count(),
+    }
+    if torch.device(device).type == "cuda":
+        info["gpu_memory_gib"] = round(
+            torch.cuda.get_device_properties(device).total_memory / 2**30, 1
+        )
+    return info
+
+
+def _cpuinfo_field(field: str) -> str | None:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
 
 
-def provenance(params: dict, seed: int | None, device: torch.device | str = "cpu") -> dict:
+def _cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or "unknown"
+
+
+def _cpu_isa() -> list[str]:
+    flags = set((_cpuinfo_field("flags") or "").split())
+    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
+    return [f for f in wanted if f in flags]
+
+
+def provenance(
+    params: dict, seed: int | None, device: torch.device | str = "cpu", inputs=()
+) -> dict:
     """The record stored in checkpoints and metrics files: what produced them."""
     return {
         "params": params,
         "seed": seed,
-        "git_commit": git_commit(),
+        "code": code_hashes(),
+        "data": data_hashes(inputs),
         "versions": library_versions(),
         "device": device_info(device),
     }

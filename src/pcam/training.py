@@ -2,9 +2,15 @@
 
 Determinism: the model is initialised from train.seed; every later random draw (sampling order,
 augmentation) comes from a torch.Generator seeded from (train.seed, epoch); deterministic
-algorithms are enforced and the thread count is fixed. Same code + params + data => byte-identical
-checkpoint on the same machine type, also when the run was interrupted and resumed: the checkpoint
-holds the epoch generator's state and the position inside the epoch.
+algorithms are enforced, the thread count is fixed and the CPU kernels are pinned
+(pcam/numerics.py). Same code + params + data => byte-identical model on any x86-64 machine with
+AVX2, also when the run was interrupted and resumed: the checkpoint holds the epoch generator's
+state, the position inside the epoch and every metric row logged so far.
+
+Two files: the resumable checkpoint (`checkpoint_path`, outside DVC's outputs, written at every
+epoch end and on SIGTERM/SIGUSR1) and the finished model (`out_path`), written once, at the end.
+A killed or failed run therefore never replaces the last finished model, and DVC can run-cache
+the stage (it refuses to for `persist` outputs).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from sklearn.metrics import fbeta_score, roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
+from pcam import numerics
 from pcam.allocator import keep_freed_memory
 from pcam.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from pcam.data import (
@@ -46,8 +53,6 @@ from pcam.params import TrainParams
 # "try again later"); job scripts requeue on it.
 EXIT_INTERRUPTED = 75
 RESUME_ENV = "PCAM_RESUME"
-# Train params that may differ between an interrupted run and its resumption.
-_RESUME_MAY_CHANGE = {"resume"}
 
 
 class TrainingInterrupted(Exception):
@@ -65,6 +70,7 @@ def set_determinism(seed: int, threads: int) -> None:
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     torch.set_num_threads(threads)
+    numerics.configure_torch()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -231,7 +237,12 @@ class Progress:
     epochs_without_gain: int = 0
     finished: bool = False
     stopped_early: bool = False
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # one row per epoch (EpochResult + step)
+    # One row per optimizer step: (step, loss, grad_norm, lr). A resumed run replays them into a
+    # fresh DVCLive directory, so each step appears once however often the run was interrupted.
+    steps: list[list[float]] = field(default_factory=list)
+    # Training images/s per epoch of this process: a timing, so never saved (see _checkpoint).
+    images_per_s: list[float] = field(default_factory=list)
 
 
 def evaluate_split(model, split: Split, mean, std, batch_size: int, device) -> dict[str, float]:
@@ -255,31 +266,60 @@ def _checkpoint(config, model, optimizer, scheduler, prog: Progress, mean, std, 
         "model_state": model.state_dict(),
         "optimizer_state": optimizer.state_dict(),
         "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
-        "progress": {k: v for k, v in vars(prog).items()},
+        "progress": {k: v for k, v in vars(prog).items() if k != "images_per_s"},
         "normalisation": {"mean": mean.tolist(), "std": std.tolist()},
         "provenance": provenance,
     }
 
 
-def _restore(path: Path, p: TrainParams, provenance: dict, model, optimizer, scheduler) -> Progress:
+def _restore(path: Path, provenance: dict, model, optimizer, scheduler) -> Progress:
+    """Load an interrupted run's state; refuse one made from other params, code or data."""
     ckpt = load_checkpoint(path)
-    saved = ckpt["provenance"]["params"]
-    now = provenance["params"]
-    diff = [
-        f"{section}.{k}: {saved[section].get(k)!r} -> {v!r}"
-        for section in now
-        for k, v in now[section].items()
-        if not (section == "train" and k in _RESUME_MAY_CHANGE) and saved[section].get(k) != v
-    ]
+    saved = ckpt["provenance"]
+    diff = []
+    for part in ("params", "code", "data"):
+        before, now = _flatten(saved.get(part) or {}), _flatten(provenance.get(part) or {})
+        diff += [
+            f"{part} {k}: {before.get(k)!r} -> {now.get(k)!r}"
+            for k in sorted(set(before) | set(now))
+            if before.get(k) != now.get(k)
+        ]
     if diff:
+        more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
         raise PcamError(
-            f"{path}: cannot resume: the checkpoint was trained with other params ({'; '.join(diff)})"
+            f"{path}: cannot resume: the checkpoint was made from other inputs "
+            f"({'; '.join(diff[:3])}{more}); delete it or run without {RESUME_ENV}=1"
         )
     load_state_strict(model, ckpt["model_state"], path)
     optimizer.load_state_dict(ckpt["optimizer_state"])
     if scheduler is not None:
         scheduler.load_state_dict(ckpt["scheduler_state"])
     return Progress(**ckpt["progress"])
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _replay(live, prog: Progress) -> None:
+    """Write the rows of the steps and epochs done so far into a fresh DVCLive directory."""
+    for step, loss, gnorm, lr in prog.steps:
+        live.step = int(step)
+        live.log_metric("train/loss", loss)
+        live.log_metric("train/grad_norm", gnorm)
+        live.log_metric("train/lr", lr)
+    for row in prog.history:
+        live.step = row["step"]
+        for key in ("loss", "roc_auc", "f2"):
+            live.log_metric(f"val/{key}", row[f"val_{key}"])
+    if prog.steps:
+        live.make_summary()
 
 
 def train(
@@ -293,15 +333,20 @@ def train(
     live=None,
     rank: int = 0,
     world: int = 1,
+    *,
+    checkpoint_path: str | os.PathLike | None = None,
 ) -> Progress:
-    """Train to p.epochs (or early stop); checkpoint at every epoch end and on SIGTERM/SIGUSR1.
+    """Train to p.epochs (or early stop); write the finished model to `out_path` at the end.
 
-    Resumes from `out_path` when p.resume or $PCAM_RESUME=1 and the file exists. Raises
+    The resumable state goes to `checkpoint_path` at every epoch end and on SIGTERM/SIGUSR1, and
+    is deleted once the model is written (default: `out_path` + ".partial"). With $PCAM_RESUME=1 a run continues from it (refused
+    when it was made from other params, code or data; `live` gets the rows logged so far). Raises
     TrainingInterrupted after saving a checkpoint when a signal arrived. With world > 1 this runs
     as one rank of an initialised torch.distributed group: DistributedDataParallel, each rank
     taking every world-th sample of each global batch, rank 0 alone writing files.
     """
     out_path = Path(out_path)
+    checkpoint_path = Path(checkpoint_path or f"{out_path}.partial")
     keep_freed_memory()
     set_determinism(p.seed, p.threads)
     device = resolve_device(p.device)
@@ -324,19 +369,21 @@ def train(
     block_rows = train_split.x.block_rows if streamed else None
     mean, std = mean.to(device), std.to(device)
 
-    resume = p.resume or os.environ.get(RESUME_ENV) == "1"
     prog = Progress()
-    if resume and out_path.is_file():
-        prog = _restore(out_path, p, provenance, model, optimizer, scheduler)
+    if os.environ.get(RESUME_ENV) == "1" and checkpoint_path.is_file():
+        prog = _restore(checkpoint_path, provenance, model, optimizer, scheduler)
         if rank == 0:
-            print(f"train: resuming from {out_path} at epoch {prog.epoch + 1}, batch {prog.batch}")
-        if prog.finished:
-            return prog
+            print(
+                f"train: resuming from {checkpoint_path} at epoch {prog.epoch + 1}, "
+                f"batch {prog.batch}"
+            )
+        if live is not None:
+            _replay(live, prog)
 
-    def save() -> None:
+    def save(path: Path) -> None:
         if rank == 0:
             ckpt = _checkpoint(config, model, optimizer, scheduler, prog, mean, std, provenance)
-            save_checkpoint(out_path, ckpt)
+            save_checkpoint(path, ckpt)
         if world > 1:
             dist.barrier()
 
@@ -372,7 +419,8 @@ def train(
                 xb = x_all[idx].to(device)  # no-op when resident on the device already
                 xb = normalise(flip_rotate(xb, counts), mean, std, jitter)
                 loss, gnorm, lr = stepper.step(xb, y_all[idx])
-                loss_value = loss.item()
+                loss_value, gnorm_value = loss.item(), gnorm.item()
+                prog.steps.append([prog.step, loss_value, gnorm_value, lr])
                 seen += len(idx)
                 bar.set_postfix(
                     loss=f"{loss_value:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}"
@@ -384,7 +432,7 @@ def train(
                     # at once either way; the summary is written at each epoch end.
                     live.step = prog.step
                     live.log_metric("train/loss", loss_value)
-                    live.log_metric("train/grad_norm", gnorm.item())
+                    live.log_metric("train/grad_norm", gnorm_value)
                     live.log_metric("train/lr", lr)
                 # One small all-reduce per step: the global batch's loss sum, and whether any
                 # rank got a signal (every rank must stop at the same step, or the rest hang).
@@ -400,9 +448,10 @@ def train(
                 prog.loss_sum += shared[0].item()
                 if signame and prog.batch < steps_per_epoch:
                     prog.gen_state = gen.get_state()
-                    save()
+                    save(checkpoint_path)
                     raise TrainingInterrupted(signame, epoch, prog.step)
             images_per_s = world * seen / max(time.perf_counter() - t0, 1e-9)
+            prog.images_per_s.append(images_per_s)
             if world > 1:
                 # BatchNorm running stats differ per rank; rank 0's go to every rank so all ranks
                 # score the same model and take the same early-stopping decision.
@@ -419,7 +468,7 @@ def train(
                 val["f2"],
                 optimizer.param_groups[0]["lr"],
             )
-            prog.history.append(vars(result))
+            prog.history.append(vars(result) | {"step": prog.step})
             prog.epoch, prog.batch, prog.loss_sum, prog.gen_state = epoch + 1, 0, 0.0, None
             if val["roc_auc"] > prog.best_roc_auc:
                 prog.best_epoch, prog.best_roc_auc = epoch + 1, val["roc_auc"]
@@ -433,8 +482,8 @@ def train(
                 live.step = prog.step
                 for key in ("loss", "roc_auc", "f2"):
                     live.log_metric(f"val/{key}", val[key])
-                # A timing: dvclive/ is therefore not byte-reproducible; metrics/train.json is.
-                live.log_metric("perf/images_per_s", images_per_s)
+                # No timings in dvclive/: DVC hashes it, and it must be equal on twin runs. The
+                # benchmark stage measures throughput; the log line below shows it.
                 live.make_summary()
             log = print if rank == 0 else (lambda *a, **k: None)
             log(
@@ -443,10 +492,14 @@ def train(
                 f"val_f2@0.5 {result.val_f2:.4f} lr {result.lr:.2e} ({images_per_s:.0f} img/s)",
                 flush=True,
             )
-            save()
+            if not prog.finished:
+                save(checkpoint_path)
             if prog.stopped_early:
                 log(f"train: early stop: no val ROC-AUC gain for {prog.epochs_without_gain} epochs")
                 break
             if signame and not prog.finished:
                 raise TrainingInterrupted(signame, epoch + 1, prog.step)
+    save(out_path)
+    if rank == 0:
+        checkpoint_path.unlink(missing_ok=True)
     return prog
