@@ -10,6 +10,7 @@ without test's), metrics/data.json (counts, storage, leakage, label association,
 plots/data/<reason>.png (up to 32 flagged patches per reason, one file per reason even if empty).
 """
 
+import sys
 from pathlib import Path
 
 from pcam.errors import exit_on_user_error
@@ -28,6 +29,8 @@ GALLERIES = Path("plots/data")
 def main() -> None:
     p = load_params().validate
     result = validate(RAW_DIR, p)
+    for line in result.warnings:
+        print(f"validate-data: warning: {line}", file=sys.stderr)
     # Every check passed: only now is anything written.
     write_json(EXCLUSIONS, result.exclusions)
     write_json(REPORT, result.report)

@@ -1,3 +1,10 @@
 """pcam: a reproducible PatchCamelyon pipeline. Stage scripts in stages/ call into this package."""
 
+import os
+
 __version__ = "0.1.0"
+
+if os.environ.get("DVC_STAGE"):  # run by `dvc repro`/`dvc exp run`: end when dvc ends
+    from pcam.lifetime import die_with_parent
+
+    die_with_parent()
