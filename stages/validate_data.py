@@ -1,8 +1,10 @@
 """validate-data stage: check every split before training; write exclusions and a data report.
 
-Run by DVC (`dvc repro validate-data`). A structural problem, or a content finding past a
-threshold in params.yaml (validate.*), exits 1 with one line naming the file, dataset and
-problem, and writes nothing: outputs from an earlier run stay as they were.
+Run by DVC (`dvc repro validate-data`). A structural problem, a label check set to "error", or
+a content finding past a threshold in params.yaml (validate.*), exits 1 with one line naming the
+file, dataset and problem, and writes nothing: run by hand, outputs from an earlier run stay as
+they were; under DVC, which deleted them first, the line names `python -m pcam.restore`. Label
+checks set to "warn" print a warning line and go on.
 
 Outputs: data/validated/exclusions.json (per split, the patches excluded for the reasons in
 validate.exclude; train and compute-stats leave out train's, evaluate reports test with and

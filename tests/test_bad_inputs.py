@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pcam import h5io
 from pcam.checkpoint import save_checkpoint
@@ -31,6 +32,7 @@ from pcam.params import load_params
 from pcam.training import train
 from pcam.validation import label_problems
 from tests.conftest import REPO, write_tiny_split
+from tests.e2e import env as e2e_env
 from tests.e2e import set_params
 from tests.test_download import serving
 from tests.test_training import MEAN, STD, params, prov, tiny_split
@@ -49,6 +51,9 @@ PREPARE_WITH_TEST_MD5 = [
     "runpy.run_path(sys.argv[1], run_name='__main__')",
     str(REPO / "stages" / "prepare.py"),
 ]
+
+RESTORE = [sys.executable, "-m", "pcam.restore"]
+DVC = str(Path(sys.executable).parent / "dvc")
 
 VALIDATE_OUTS = ("data/validated/exclusions.json", "metrics/data.json", "plots/data/black.png")
 EVALUATE_OUTS = (
@@ -179,6 +184,16 @@ def serve_meta_cut_short(work: Path, stack: contextlib.ExitStack) -> None:
             "data.pcam.timeout_s": 10,
         },
     )
+
+
+def dvc_repo_recording(stages: dict):
+    """Make the work directory a DVC repository whose dvc.lock records `stages`."""
+
+    def apply(work: Path, _stack) -> None:
+        subprocess.run([DVC, "init", "--no-scm", "-q"], cwd=work, check=True, env=e2e_env())
+        (work / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}))
+
+    return apply
 
 
 def drop_key(key: str):
@@ -313,6 +328,21 @@ CASES = [
         drop_key("model_config"),
         (r"model\.pt: checkpoint has no model_config",),
         EVALUATE_OUTS,
+    ),
+    # pcam.restore, the way back after a failure under DVC
+    Case(
+        "restore outside a DVC repository",
+        RESTORE + ["train"],
+        lambda work, _stack: None,
+        (r"dvc: you are not inside of a DVC repository",),
+        (),
+    ),
+    Case(
+        "restore of a stage dvc.lock does not record",
+        RESTORE + ["trian"],
+        dvc_repo_recording({"train": {"cmd": "python stages/train.py"}}),
+        (r"dvc\.lock: no stage 'trian' \(recorded: train\)",),
+        (),
     ),
     # prepare: the official download
     Case(

@@ -125,9 +125,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pcam.restore", description=__doc__.split("\n")[0])
     ap.add_argument("stages", nargs="*", metavar="STAGE", help="default: every stage in dvc.lock")
     args = ap.parse_args(argv)
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    done, problems = restore(Path(Repo.find_root()), args.stages)
+    try:
+        done, problems = restore(Path(Repo.find_root()), args.stages)
+    except DvcException as err:  # not a DVC repository, its lock held by a running dvc, ...
+        raise PcamError(f"dvc: {' '.join(str(err).split())}") from None
     for line in done:
         print(f"restore: {line}")
     if problems:
