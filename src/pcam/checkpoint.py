@@ -175,7 +175,7 @@ def load_state_strict(model: nn.Module, state: dict, path: str | os.PathLike) ->
 
 def _describe(config: dict) -> str:
     sizes = ", ".join(f"{k} {v}" for k, v in config.items() if k != "model")
-    return f"model {config.get('model')!r} ({sizes})" if sizes else f"model {config.get('model')!r}"
+    return f"model {config['model']!r} ({sizes})"
 
 
 def _few(items: list[str], n: int = 3) -> str:

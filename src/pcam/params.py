@@ -92,9 +92,7 @@ ExclusionReason = Literal[
 class LabelChecks:
     # What a failed label check does: stop validate-data ("error") or only report ("warn").
     one_class: Literal["error", "warn"]  # a split whose labels are all 0 or all 1
-    class_balance: Literal[
-        "error", "warn"
-    ]  # positive fraction outside [min, max]_positive_fraction
+    class_balance: Literal["error", "warn"]  # positive fraction outside [min, max]
     meta_agreement: Literal["error", "warn"]  # labels against the meta CSV's center_tumor_patch
 
 
