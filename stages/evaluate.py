@@ -16,11 +16,12 @@ import torch
 
 from pcam import metrics
 from pcam.allocator import keep_freed_memory
-from pcam.checkpoint import load_checkpoint, load_model
+from pcam.checkpoint import load_checkpoint, load_model, normalisation
 from pcam.data import load_excluded, load_split
 from pcam.errors import exit_on_user_error
 from pcam.fileio import atomic_path, md5_file, write_csv, write_json
 from pcam.inference import predict_logits, sigmoid
+from pcam.models import model_config
 from pcam.params import load_params, to_dict
 from pcam.plots import curve_png
 from pcam.provenance import provenance
@@ -91,9 +92,8 @@ def main() -> None:
     torch.set_num_threads(params.train.threads)
     keep_freed_memory()
     ckpt = load_checkpoint(MODEL)
-    model = load_model(ckpt, MODEL)
-    mean = torch.tensor(ckpt["normalisation"]["mean"])
-    std = torch.tensor(ckpt["normalisation"]["std"])
+    model = load_model(ckpt, MODEL, expected_config=model_config(params.train))
+    mean, std = normalisation(ckpt)
     preds = {}
     for split in ("valid", "test"):
         data = load_split(RAW_DIR, split)

@@ -1,8 +1,10 @@
 """validate-data stage: check every split before training; write exclusions and a data report.
 
-Run by DVC (`dvc repro validate-data`). A structural problem, or a content finding past a
-threshold in params.yaml (validate.*), exits 1 with one line naming the file, dataset and
-problem, and writes nothing: outputs from an earlier run stay as they were.
+Run by DVC (`dvc repro validate-data`). A structural problem, a label check set to "error", or
+a content finding past a threshold in params.yaml (validate.*), exits 1 with one line naming the
+file, dataset and problem, and writes nothing: run by hand, outputs from an earlier run stay as
+they were; under DVC, which deleted them first, the line names `python -m pcam.restore`. Label
+checks set to "warn" print a warning line and go on.
 
 Outputs: data/validated/exclusions.json (per split, the patches excluded for the reasons in
 validate.exclude; train and compute-stats leave out train's, evaluate reports test with and
@@ -10,6 +12,7 @@ without test's), metrics/data.json (counts, storage, leakage, label association,
 plots/data/<reason>.png (up to 32 flagged patches per reason, one file per reason even if empty).
 """
 
+import sys
 from pathlib import Path
 
 from pcam.errors import exit_on_user_error
@@ -28,6 +31,8 @@ GALLERIES = Path("plots/data")
 def main() -> None:
     p = load_params().validate
     result = validate(RAW_DIR, p)
+    for line in result.warnings:
+        print(f"validate-data: warning: {line}", file=sys.stderr)
     # Every check passed: only now is anything written.
     write_json(EXCLUSIONS, result.exclusions)
     write_json(REPORT, result.report)

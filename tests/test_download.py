@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.server
@@ -9,6 +10,7 @@ import re
 import shutil
 import threading
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +35,9 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
     """Serves files from server.root; honours `Range: bytes=N-` unless server.ignore_range.
 
     server.cut_after[name] = K makes the next response for `name` stop after K body bytes while
-    announcing the full length (a dropped connection); server.fail_503[name] = n answers 503 to
-    the next n requests for `name`.
+    announcing the full length (a dropped connection); server.cut_unannounced[name] = K does the
+    same without any Content-Length (the client cannot tell the body is short);
+    server.fail_503[name] = n answers 503 to the next n requests for `name`.
     """
 
     def do_GET(self) -> None:
@@ -48,6 +51,7 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
             if fail:
                 srv.fail_503[name] -= 1
             cut = srv.cut_after.pop(name, None)
+            unannounced = srv.cut_unannounced.pop(name, None)
         if too_many or fail:
             self.send_error(503)
             return
@@ -68,6 +72,10 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
+        if unannounced is not None:
+            self.end_headers()
+            self.wfile.write(body[:unannounced])
+            return
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         # HTTP/1.0: the connection closes when we return, so a cut body ends the transfer early.
@@ -110,7 +118,7 @@ def _write_tiny_pcam(orig: Path, root: Path) -> dict[str, str]:
         for name in (x_name(split), y_name(split)):
             (root / (name + ".gz")).write_bytes(gzip.compress((orig / name).read_bytes(), mtime=0))
         shutil.copyfile(orig / meta_name(split), root / meta_name(split))
-    return {p.name: _md5(p) for p in root.glob("*.gz")}
+    return {p.name: _md5(p) for p in root.iterdir()}
 
 
 @pytest.fixture(autouse=True)
@@ -118,14 +126,16 @@ def _no_backoff(monkeypatch):
     monkeypatch.setattr(download, "RETRY_BACKOFF_S", 0.0)
 
 
-@pytest.fixture
-def served(tmp_path):
+@contextlib.contextmanager
+def serving(tmp_path: Path) -> Iterator[Served]:
+    """Tiny PCAM files in the Zenodo layout, served on 127.0.0.1 until the block ends."""
     root, orig = tmp_path / "served", tmp_path / "orig"
-    root.mkdir()
+    root.mkdir(parents=True)
     md5 = _write_tiny_pcam(orig, root)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
     server.root, server.requests, server.lock = root, [], threading.Lock()
     server.ignore_range, server.cut_after, server.fail_503 = False, {}, {}
+    server.cut_unannounced = {}
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
@@ -134,6 +144,12 @@ def served(tmp_path):
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def served(tmp_path):
+    with serving(tmp_path) as s:
+        yield s
 
 
 def _fetch(served: Served, dest: Path, **kw) -> list[Path]:
@@ -224,10 +240,35 @@ def test_corrupt_gzip_or_content_leaves_dest_empty(served, tmp_path, kind):
 
 
 def test_bad_meta_csv_is_an_error(served, tmp_path):
-    (served.root / meta_name("test")).write_text("a,b\n1,2\n")
+    csv = served.root / meta_name("test")
+    csv.write_text("a,b\n1,2\n")
+    md5 = {**served.md5, csv.name: _md5(csv)}  # the checksum passes: only parsing can tell
     with pytest.raises(PcamError, match=rf"{meta_name('test')}.*columns"):
+        _fetch(served, tmp_path / "raw", md5=md5)
+    assert _files(tmp_path / "raw") == []
+
+
+def test_meta_csv_cut_at_a_line_end_without_content_length_is_not_cached(served, tmp_path):
+    # A server that sends no Content-Length and stops early: the short CSV still parses (it ends
+    # at a line end), so only its md5 can tell. It must not be cached as verified.
+    name = meta_name("train")
+    data = (served.root / name).read_bytes()
+    cut = data.rindex(b"\n", 0, len(data) - 1) + 1  # drop the last row
+    served.server.cut_unannounced[name] = cut
+    with pytest.raises(PcamError, match=rf"{name}: expected {served.md5[name]}, got "):
         _fetch(served, tmp_path / "raw")
     assert _files(tmp_path / "raw") == []
+    assert not (tmp_path / "cache" / name).exists()
+    _fetch(served, tmp_path / "raw")  # the next run fetches the whole file
+    _assert_matches_originals(served, tmp_path / "raw")
+
+
+def test_official_md5s_cover_every_file():
+    # x, y and the meta CSVs of every split: nothing is cached as verified without a checksum.
+    assert sorted(download.PCAM_MD5) == sorted(
+        f(s) + ext for s in SPLITS for f, ext in ((x_name, ".gz"), (y_name, ".gz"), (meta_name, ""))
+    )
+    assert all(re.fullmatch(r"[0-9a-f]{32}", v) for v in download.PCAM_MD5.values())
 
 
 def test_404_names_url_without_retrying(served, tmp_path):

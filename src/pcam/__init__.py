@@ -8,4 +8,11 @@ from pcam import numerics as _numerics
 
 _numerics.pin_environment()
 
+import os
+
 __version__ = "0.1.0"
+
+if os.environ.get("DVC_STAGE"):  # run by `dvc repro`/`dvc exp run`: end when dvc ends
+    from pcam.lifetime import die_with_parent
+
+    die_with_parent()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import sys
@@ -14,7 +15,7 @@ from torch import nn
 
 from pcam.errors import PcamError
 from pcam.fileio import write_bytes
-from pcam.models import build_model
+from pcam.models import MODEL_SIZE_KEY, build_model
 
 FORMAT = "pcam-checkpoint/1"
 
@@ -71,14 +72,71 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise PcamError(f"{path}: not a pcam checkpoint (expected format {FORMAT!r})")
+    _check_model_config(ckpt.get("model_config"), path)
+    _check_normalisation(ckpt.get("normalisation"), path)
     return ckpt
 
 
-def load_model(ckpt: dict, path: str | os.PathLike = "checkpoint") -> nn.Module:
+def _check_model_config(config: object, path: Path) -> None:
+    """What build_model needs: a known model name and its size, so a bad one is a clear error."""
+    if not isinstance(config, dict):
+        raise PcamError(
+            f"{path}: checkpoint has no model_config (cannot tell which model it holds)"
+        )
+    name = config.get("model")
+    if name not in MODEL_SIZE_KEY:
+        raise PcamError(
+            f"{path}: checkpoint model_config names unknown model {name!r} "
+            f"(known: {', '.join(MODEL_SIZE_KEY)})"
+        )
+    size = config.get(MODEL_SIZE_KEY[name])
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise PcamError(
+            f"{path}: checkpoint model_config for {name!r} needs a positive integer "
+            f"'{MODEL_SIZE_KEY[name]}', got {size!r}"
+        )
+
+
+def _check_normalisation(norm: object, path: Path) -> None:
+    """Per-channel mean and std of the training data, as inference must apply them."""
+    if not isinstance(norm, dict):
+        raise PcamError(
+            f"{path}: checkpoint has no normalisation (the training data's per-channel mean/std)"
+        )
+    for key in ("mean", "std"):
+        values = norm.get(key)
+        if not (
+            isinstance(values, list | tuple)
+            and len(values) == 3
+            and all(isinstance(v, int | float) and math.isfinite(v) for v in values)
+        ):
+            raise PcamError(
+                f"{path}: checkpoint normalisation.{key} must be 3 finite numbers, got {values!r}"
+            )
+    if min(norm["std"]) <= 0:
+        raise PcamError(f"{path}: checkpoint normalisation.std must be > 0, got {norm['std']}")
+
+
+def normalisation(ckpt: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (mean, std) tensors recorded in a checkpoint that load_checkpoint accepted."""
+    return torch.tensor(ckpt["normalisation"]["mean"]), torch.tensor(ckpt["normalisation"]["std"])
+
+
+def load_model(
+    ckpt: dict, path: str | os.PathLike = "checkpoint", expected_config: dict | None = None
+) -> nn.Module:
     """Rebuild the recorded architecture with the best epoch's weights (by val ROC-AUC).
 
-    A checkpoint of an interrupted run is refused: its weights are not the trained model.
+    A checkpoint of an interrupted run is refused: its weights are not the trained model. With
+    `expected_config` (models.model_config of the current params), a checkpoint of another
+    architecture is refused too: results would be reported under params that did not make them.
     """
+    if expected_config is not None and ckpt["model_config"] != expected_config:
+        raise PcamError(
+            f"{path}: checkpoint holds {_describe(ckpt['model_config'])} but params.yaml asks for "
+            f"{_describe(expected_config)}; retrain (`dvc repro train`) or restore the train "
+            "params it was trained with"
+        )
     progress = ckpt.get("progress", {})
     if not progress.get("finished", False):
         raise PcamError(
@@ -112,6 +170,11 @@ def load_state_strict(model: nn.Module, state: dict, path: str | os.PathLike) ->
             f"{path}: checkpoint does not fit model {type(model).__name__}: " + "; ".join(parts)
         )
     model.load_state_dict(state)
+
+
+def _describe(config: dict) -> str:
+    sizes = ", ".join(f"{k} {v}" for k, v in config.items() if k != "model")
+    return f"model {config['model']!r} ({sizes})"
 
 
 def _few(items: list[str], n: int = 3) -> str:

@@ -34,17 +34,22 @@ from pcam.errors import PcamError
 from pcam.fileio import atomic_path, md5_file
 from pcam.h5io import SPLITS, meta_name, read_meta, x_name, y_name
 
-# md5 of the .gz files. The table in the PCAM README (github.com/basveeling/pcam) lists the valid
-# and test rows swapped: there valid_x is d8c2... and test_x is d5b6.... The files themselves hash
-# as below (the same values torchvision's PCAM class checks). The meta CSVs have no official md5:
-# they are checked by parsing them (h5io.read_meta) instead.
+# md5 of every file, the meta CSVs included: a CSV cut short at a line end by a server that sent
+# no Content-Length still parses, and only its md5 tells. The table in the PCAM README
+# (github.com/basveeling/pcam) lists the valid and test rows swapped, for the CSVs as for x and y:
+# there valid_x is d8c2... and test_x is d5b6.... The files themselves hash as below (the same
+# values torchvision's PCAM class checks for x and y, and that DVC lock files of projects that
+# downloaded the CSVs record for them). The CSVs are also parsed (h5io.read_meta).
 PCAM_MD5 = {
     "camelyonpatch_level_2_split_train_x.h5.gz": "1571f514728f59376b705fc836ff4b63",
     "camelyonpatch_level_2_split_train_y.h5.gz": "35c2d7259d906cfc8143347bb8e05be7",
+    "camelyonpatch_level_2_split_train_meta.csv": "5a3dd671e465cfd74b5b822125e65b0a",
     "camelyonpatch_level_2_split_valid_x.h5.gz": "d5b63470df7cfa627aeec8b9dc0c066e",
     "camelyonpatch_level_2_split_valid_y.h5.gz": "2b85f58b927af9964a4c15b8f7e8f179",
+    "camelyonpatch_level_2_split_valid_meta.csv": "67589e00a4a37ec317f2d1932c7502ca",
     "camelyonpatch_level_2_split_test_x.h5.gz": "d8c2d60d490dbd479f8199bdfa0cf6ec",
     "camelyonpatch_level_2_split_test_y.h5.gz": "60a7035772fbdb7f34eb86d4420cf66a",
+    "camelyonpatch_level_2_split_test_meta.csv": "3455fd69135b66734e1008f3af684566",
 }
 
 CHUNK_BYTES = 1 << 20  # 1 MiB reads/writes: full throughput, constant memory, smooth progress bar
@@ -58,7 +63,7 @@ def download_pcam(
     dest_dir: Path,
     base_url: str,
     *,
-    md5: Mapping[str, str] = PCAM_MD5,
+    md5: Mapping[str, str] | None = None,
     cache_dir: Path | None = None,
     timeout_s: float = 60.0,
     retries: int = 3,
@@ -67,11 +72,13 @@ def download_pcam(
     """Download, verify and unpack the PCAM files into `dest_dir`; return the nine final paths.
 
     The URL of a file is `base_url + "/" + name`. `md5` maps a remote file name to its md5 (files
-    without an entry are not hashed). `cache_dir` (default `dest_dir/.download`) keeps the
+    without an entry are not hashed); None means PCAM_MD5, looked up at call time so that tests
+    can swap the table for one of their own files. `cache_dir` (default `dest_dir/.download`) keeps the
     downloads. `retries` is how many consecutive attempts that received nothing are retried per
     file; an attempt that made progress resets the count, so a slow flaky link still finishes.
     `timeout_s` is the socket timeout for connecting and for each read.
     """
+    md5 = PCAM_MD5 if md5 is None else md5
     dest_dir = Path(dest_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else dest_dir / ".download"
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@ Official layout (Veeling et al., PatchCamelyon, Zenodo record 2546921):
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -109,7 +111,7 @@ def read_meta(path: str | os.PathLike) -> Meta:
     path = Path(path)
     if not path.is_file():
         raise PcamError(f"{path}: meta CSV not found")
-    with open(path, newline="") as fh:
+    with io.StringIO(_utf8_text(path), newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None:
@@ -143,6 +145,24 @@ def read_meta(path: str | os.PathLike) -> Meta:
         center_tumor_patch=np.asarray(cols[3], dtype=bool),
         wsi=np.asarray(cols[4], dtype=str),
     )
+
+
+def _utf8_text(path: Path) -> str:
+    """A text file's content as str; bytes that are not UTF-8 are an error naming line and byte.
+
+    Decoded whole rather than through a text stream, so the error's offset is the file's (PCAM's
+    largest meta CSV is ~10 MB). A UTF-8 byte-order mark (spreadsheet exports) is dropped.
+    """
+    data = path.read_bytes()
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = start + err.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise PcamError(
+            f"{path}:{line}: not UTF-8 text (byte {data[offset]:#04x} at offset {offset})"
+        ) from None
 
 
 def _parse_bool(text: str) -> bool:

@@ -137,11 +137,14 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+# Each model's size parameter in params.yaml (train.*) and in a checkpoint's model_config.
+MODEL_SIZE_KEY = {"cnn": "width", "resnet": "width", "mlp": "hidden_units"}
+
+
 def model_config(p: TrainParams) -> dict:
     """What defines the architecture: stored in checkpoints so inference rebuilds the same model."""
-    if p.model in ("cnn", "resnet"):
-        return {"model": p.model, "width": p.width}
-    return {"model": "mlp", "hidden_units": p.hidden_units}
+    size = MODEL_SIZE_KEY[p.model]
+    return {"model": p.model, size: getattr(p, size)}
 
 
 def build_model(config: dict) -> nn.Module:

@@ -89,6 +89,14 @@ ExclusionReason = Literal[
 
 
 @dataclass(frozen=True)
+class LabelChecks:
+    # What a failed label check does: stop validate-data ("error") or only report ("warn").
+    one_class: Literal["error", "warn"]  # a split whose labels are all 0 or all 1
+    class_balance: Literal["error", "warn"]  # positive fraction outside [min, max]
+    meta_agreement: Literal["error", "warn"]  # labels against the meta CSV's center_tumor_patch
+
+
+@dataclass(frozen=True)
 class ValidateParams:
     chunk_rows: int = _range(1)  # patches per HDF5 read: bounds memory whatever the split size
     threads: int = _range(1)  # hashing and pixel checks run on this many threads
@@ -112,6 +120,13 @@ class ValidateParams:
     # (train>valid>test), and the flagged-for-exclusion share of any split.
     max_cross_split_duplicates: int = _range(0)
     max_excluded_fraction: float = _range(0.0, 1.0)
+    # Label sanity per split: the share of label 1 must lie in [min, max] (PCAM is 50/50), and
+    # at most this share of labels may differ from the meta CSV's center_tumor_patch (the
+    # label's definition, so 0 for PCAM).
+    min_positive_fraction: float = _range(0.0, 1.0)
+    max_positive_fraction: float = _range(0.0, 1.0)
+    max_meta_label_mismatch_fraction: float = _range(0.0, 1.0)
+    label_checks: LabelChecks
 
 
 @dataclass(frozen=True)
@@ -224,6 +239,19 @@ def _check_threshold(value: str | float) -> str | None:
 _CUSTOM_CHECKS = {"evaluate.threshold": _check_threshold}
 
 
+def _check_positive_fraction_range(v: ValidateParams) -> str | None:
+    if v.min_positive_fraction > v.max_positive_fraction:
+        return (
+            f"validate.min_positive_fraction = {v.min_positive_fraction} is above "
+            f"validate.max_positive_fraction = {v.max_positive_fraction}"
+        )
+    return None
+
+
+# Checks between keys of one section, run once the section is built.
+_SECTION_CHECKS = {ValidateParams: _check_positive_fraction_range}
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader that reads `1e-4` as a float (YAML 1.1 wants `1.0e-4`; people write `1e-4`)."""
 
@@ -243,13 +271,65 @@ _Loader.add_implicit_resolver(
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
+    """Parse a YAML file; syntax errors name line, column and cause, duplicate keys are refused."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
+    data = path.read_bytes()
     try:
-        return yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 (SafeLoader subclass)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ParamsError(
+            f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start})"
+        ) from None
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, path)
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as err:
+        raise ParamsError(_yaml_error_line(path, err)) from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_error_line(path: Path, err: yaml.MarkedYAMLError) -> str:
+    """`file:line:column: not valid YAML: cause (while ... at line N)` from PyYAML's marks."""
+    mark = err.problem_mark or err.context_mark
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    cause = " ".join((err.problem or "syntax error").split())
+    if err.context:
+        started = f" at line {err.context_mark.line + 1}" if err.context_mark else ""
+        cause += f" ({' '.join(err.context.split())}{started})"
+    return f"{where}: not valid YAML: {cause}"
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: Path, prefix: str = "") -> None:
+    """PyYAML keeps the last of two equal keys without a word; a repeated key or section is
+    almost always an edit that went to the wrong place, so it is an error here (DVC refuses the
+    same file too)."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, path, f"{prefix.rstrip('.')}[{i}].")
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key = prefix + str(key_node.value)
+        line = key_node.start_mark.line + 1
+        if key in first_line:
+            kind = "section" if isinstance(value_node, yaml.MappingNode) else "key"
+            raise ParamsError(
+                f"{path}:{line}: duplicate {kind} '{key}' (first at line {first_line[key]}); "
+                "merge the two, PyYAML would silently keep only the last"
+            )
+        first_line[key] = line
+        _refuse_duplicate_keys(value_node, path, key + ".")
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
@@ -285,7 +365,11 @@ def _build(cls: type, raw: Any, prefix: str, path: Path) -> Any:
         check = _CUSTOM_CHECKS.get(key)
         if check and (msg := check(values[f.name])):
             raise ParamsError(f"{path}: {key} = {_show(raw[f.name])} {msg}")
-    return cls(**values)
+    built = cls(**values)
+    check = _SECTION_CHECKS.get(cls)
+    if check and (msg := check(built)):
+        raise ParamsError(f"{path}: {msg}")
+    return built
 
 
 def _convert(tp: Any, value: Any, key: str, path: Path) -> Any:

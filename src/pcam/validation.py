@@ -3,6 +3,9 @@
 Structural problems raise PcamError naming the file, dataset and problem: a missing file, not
 HDF5, truncated or corrupt chunks, a missing x/y dataset, a wrong rank/shape/dtype, labels outside
 {0, 1}, NaN/inf, x/y length mismatch, an empty split, a meta CSV with wrong columns or row count.
+Label sanity per split (validate.label_checks: each an error or a warning): one class only, a
+positive fraction outside [min_positive_fraction, max_positive_fraction], labels that disagree
+with the meta CSV's center_tumor_patch beyond max_meta_label_mismatch_fraction.
 Every split's cheap checks run before any split is read in full, so a broken test CSV is not
 found after minutes spent on train.
 
@@ -71,6 +74,7 @@ class ValidationResult:
     exclusions: dict  # data/validated/exclusions.json
     report: dict  # metrics/data.json
     galleries: dict[str, Gallery]  # one per reason, possibly empty
+    warnings: list[str]  # failed checks set to "warn" (validate.label_checks), one line each
 
 
 def storage_info(path: Path, ds: h5py.Dataset) -> dict:
@@ -136,7 +140,9 @@ class _SplitFiles:
     """One split after its cheap checks: labels, meta and storage, but no pixels read yet."""
 
     x_path: Path
+    y_path: Path
     y: np.ndarray
+    meta_path: Path
     meta: h5io.Meta
     storage: dict[str, dict]
 
@@ -159,7 +165,77 @@ def _open_split(raw_dir: Path, split: str, allow_float: bool, allow_wide: bool) 
     meta = h5io.read_meta(mp)
     if len(meta) != n:
         raise PcamError(f"{mp}: meta CSV has {len(meta)} rows, expected {n} (one per patch)")
-    return _SplitFiles(xp, y, meta, {xp.name: x_storage, yp.name: y_storage})
+    return _SplitFiles(xp, yp, y, mp, meta, {xp.name: x_storage, yp.name: y_storage})
+
+
+def label_problems(
+    split: str,
+    y_path: Path,
+    y: np.ndarray,
+    meta_path: Path,
+    meta: h5io.Meta | None,
+    p: ValidateParams,
+) -> list[tuple[str, str]]:
+    """What is wrong with a split's labels as a whole, as (check in validate.label_checks, line).
+
+    A split of one class cannot train or score a classifier; a share of positives far from
+    PCAM's 50/50 means a wrong file or a broken export; labels that contradict the meta CSV's
+    center_tumor_patch (the label's definition) mean the y file and the CSV do not belong together.
+    """
+    found = []
+    n, positives = len(y), int(y.sum())
+    if positives in (0, n):
+        found.append(
+            (
+                "one_class",
+                f"{y_path}: split '{split}' has only label {int(positives == n)} ({n} patches); "
+                "training and ROC-AUC need both classes",
+            )
+        )
+    elif not p.min_positive_fraction <= positives / n <= p.max_positive_fraction:
+        found.append(
+            (
+                "class_balance",
+                f"{y_path}: split '{split}' has positive fraction {positives / n:.4f} "
+                f"({positives} of {n}), outside [validate.min_positive_fraction, "
+                f"validate.max_positive_fraction] = [{p.min_positive_fraction}, "
+                f"{p.max_positive_fraction}]",
+            )
+        )
+    if meta is None:
+        return found
+    disagree = meta.center_tumor_patch != (y == 1)
+    k = int(disagree.sum())
+    if k > p.max_meta_label_mismatch_fraction * n:
+        first = int(np.flatnonzero(disagree)[0])
+        found.append(
+            (
+                "meta_agreement",
+                f"{meta_path}: {k} of {n} labels in {y_path.name} ({k / n:.1%}) differ from "
+                f"center_tumor_patch (first at index {first}: label {int(y[first])}, meta "
+                f"{bool(meta.center_tumor_patch[first])}), more than "
+                f"validate.max_meta_label_mismatch_fraction = {p.max_meta_label_mismatch_fraction}",
+            )
+        )
+    return found
+
+
+def check_label_sanity(files: dict[str, _SplitFiles], p: ValidateParams) -> list[str]:
+    """PcamError for the first label problem whose check is "error"; the rest as warning lines."""
+    warnings = []
+    for split, sf in files.items():
+        if sf.meta is None:
+            warnings.append(
+                f"{sf.meta_path}: no meta CSV; labels of split '{split}' not checked against "
+                "center_tumor_patch"
+            )
+        for check, line in label_problems(split, sf.y_path, sf.y, sf.meta_path, sf.meta, p):
+            if getattr(p.label_checks, check) == "error":
+                raise PcamError(
+                    f"{line} (validate.label_checks.{check}: warn accepts it with a warning)"
+                )
+            warnings.append(line)
+    return warnings
 
 
 def _read_chunks(
@@ -404,6 +480,7 @@ def validate(raw_dir: str | os.PathLike, p: ValidateParams) -> ValidationResult:
     files = {
         s: _open_split(raw_dir, s, p.allow_float_images, p.allow_wide_labels) for s in h5io.SPLITS
     }
+    warnings = check_label_sanity(files, p)
     lut = tissue_lut(p.background_max_saturation)
     with ThreadPoolExecutor(p.threads) as pool:
         found = {s: _scan_content(files[s], p, pool, lut) for s in h5io.SPLITS}
@@ -455,9 +532,10 @@ def validate(raw_dir: str | os.PathLike, p: ValidateParams) -> ValidationResult:
     report["slides_shared"] = {
         f"{a}_{b}": sorted(set(files[a].meta.wsi) & set(files[b].meta.wsi)) for a, b in SPLIT_PAIRS
     }
+    report["warnings"] = warnings
     _check_thresholds(report, p)
     galleries = _galleries(files, found, flags, copy_of)
-    return ValidationResult(exclusions, report, galleries)
+    return ValidationResult(exclusions, report, galleries, warnings)
 
 
 def _entries(

@@ -1,0 +1,203 @@
+"""Nothing lost under DVC, with the real dvc CLI in a temporary git copy of the repo (tiny data).
+
+DVC deletes a stage's outputs before running it. After a failed `dvc repro` or `dvc exp run` the
+failing stage's one error line names `python -m pcam.restore STAGE`, and that command brings the
+earlier outputs back byte for byte, metrics and plots included. Killing `dvc` ends the stage it
+started, so no orphan goes on writing outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pcam.checkpoint import load_checkpoint
+from tests.e2e import TINY, copy_repo, dvc, env, free_port, run, set_params
+
+pytestmark = pytest.mark.e2e
+
+UPSTREAM = ("prepare", "validate-data", "compute-stats", "train")
+RESTORE = re.compile(r"`(python -m pcam\.restore [\w-]+)`")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A copy that ran prepare..train once and committed the result (metrics and plots in git)."""
+    repo = copy_repo(tmp_path_factory.mktemp("nothing-lost") / "repo", TINY)
+    dvc(["repro", "train"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "repro"], repo)
+    return repo
+
+
+def files_under(repo: Path, rels: tuple[str, ...]) -> dict[str, bytes]:
+    found = {}
+    for rel in rels:
+        path = repo / rel
+        paths = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        found |= {str(p.relative_to(repo)): p.read_bytes() for p in paths if p.is_file()}
+    return found
+
+
+def assert_back_to_committed_state(repo: Path, outputs: tuple[str, ...], before: dict) -> None:
+    assert files_under(repo, outputs) == before
+    run(["git", "checkout", "--", "params.yaml"], repo)
+    status = json.loads(dvc(["status", "--json", *UPSTREAM], repo).stdout)
+    assert status == {}, status
+    assert run(["git", "status", "--porcelain"], repo).stdout == ""
+
+
+def fail_and_restore(repo, command, stage, outputs, expect, params=None) -> None:
+    before = files_under(repo, outputs)
+    assert all((repo / rel).exists() for rel in outputs)
+    if params:
+        set_params(repo, params)
+    proc = dvc(command, repo, check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and expect in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert files_under(repo, outputs) != before, "DVC deleted nothing: the test breaks nothing"
+    (restore,) = RESTORE.findall(errors[0])
+    assert restore == f"python -m pcam.restore {stage}"
+    out = run(restore.split(), repo)
+    assert "restored from" in out.stdout
+    assert_back_to_committed_state(repo, outputs, before)
+
+
+def test_failed_validate_data_gives_back_metrics_and_plots(repo):
+    fail_and_restore(
+        repo,
+        ["repro", "validate-data"],
+        "validate-data",
+        ("metrics/data.json", "plots/data", "data/validated/exclusions.json"),
+        "has positive fraction",
+        {"validate.min_positive_fraction": 0.0, "validate.max_positive_fraction": 0.1},
+    )
+
+
+def test_failed_download_gives_back_data_raw(repo):
+    fail_and_restore(
+        repo,
+        ["repro", "prepare"],
+        "prepare",
+        ("data/raw",),
+        "download failed",
+        {
+            "data.source": "pcam",
+            "data.pcam.base_url": f"http://127.0.0.1:{free_port()}/files",  # nothing listens
+            "data.pcam.retries": 0,
+        },
+    )
+
+
+def test_negative_epochs_give_back_train_metrics(repo):
+    fail_and_restore(
+        repo,
+        ["repro", "train"],
+        "train",
+        ("metrics/train.json", "models/model.pt", "dvclive"),
+        "train.epochs = -1 out of range",
+        {"train.epochs": -1},
+    )
+
+
+def test_failed_experiment_gives_back_train_metrics(repo):
+    fail_and_restore(
+        repo,
+        ["exp", "run", "-S", "train.lr=abc", "train"],
+        "train",
+        ("metrics/train.json", "models/model.pt", "dvclive"),
+        "train.lr = 'abc' must be a finite number",
+    )
+
+
+# --- killing dvc ends the stage ------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for init to reap it has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(condition, timeout_s: float, what: str) -> float:
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killing_dvc_ends_the_stage(repo, tmp_path, sig):
+    outputs = ("metrics/train.json", "models/model.pt", "dvclive")
+    before = files_under(repo, outputs)
+    set_params(repo, {"train.epochs": 1000})  # would run for many minutes
+    log_path = tmp_path / "dvc.log"
+    e = env() | {"PYTHONPATH": str(repo / "src")}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dvc"), "repro", "train"],
+            cwd=repo,
+            env=e,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    stage_pid = None
+    try:
+        # Killed inside the training loop, after its first epoch: the worst moment.
+        wait_for(
+            lambda: "epoch 1/1000" in log_path.read_text() or proc.poll() is not None,
+            300,
+            "train's first epoch",
+        )
+        assert proc.poll() is None, log_path.read_text()
+        (stage_pid,) = children(proc.pid)
+        # DVC runs `$SHELL -c CMD` and the shell execs: the stage's parent is dvc itself.
+        cmdline = Path(f"/proc/{stage_pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[1:3] == [b"stages/train.py", b""], cmdline
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=30)
+        seconds = wait_for(lambda: not alive(stage_pid), 60, "the stage ends after dvc")
+    finally:
+        if stage_pid and alive(stage_pid):
+            os.kill(stage_pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    print(f"stage ended {seconds:.1f} s after dvc got {sig.name}")
+    # Nothing written after the stage ended, and no trained model or train metrics at all: the
+    # train metrics are written only when training finishes (DVC deleted the earlier ones).
+    stamps = {p: p.stat().st_mtime_ns for p in (repo / "models").rglob("*")}
+    time.sleep(2)
+    assert {p: p.stat().st_mtime_ns for p in (repo / "models").rglob("*")} == stamps
+    assert not (repo / "metrics" / "train.json").exists()
+    model = repo / "models" / "model.pt"
+    # models/model.pt is, on this branch, also train's resumable checkpoint (written on SIGTERM).
+    assert not model.exists() or not load_checkpoint(model)["progress"]["finished"]
+    run(["python", "-m", "pcam.restore", "train"], repo)
+    assert_back_to_committed_state(repo, outputs, before)
