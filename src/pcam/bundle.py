@@ -22,6 +22,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -58,15 +59,22 @@ def _canonical(name: str) -> str:
     return name.strip().lower().replace("_", "-").replace(".", "-")
 
 
-def download_wheels(
+def wheel_folder(
     requirements: list[str], constraints: Path, cache: Path, platform: str, python_version: str
-) -> list[Path]:
-    """The wheels of `requirements` and their dependencies for the target, from the cache or the
-    index. One cache folder per (target, pins): it holds exactly one resolved set."""
+) -> Path:
+    """The cache folder of one (target, pins): it holds exactly one resolved set of wheels."""
     key = hashlib.sha256(
         "\n".join([platform, python_version, *requirements, constraints.read_text()]).encode()
     ).hexdigest()[:16]
-    folder = cache / f"{platform}-cp{python_version.replace('.', '')}-{key}"
+    return cache / f"{platform}-cp{python_version.replace('.', '')}-{key}"
+
+
+def download_wheels(
+    requirements: list[str], constraints: Path, cache: Path, platform: str, python_version: str
+) -> list[Path]:
+    """The wheels of `requirements` and their dependencies for the target: from the cache
+    without network when it has them, else from the index (into the cache)."""
+    folder = wheel_folder(requirements, constraints, cache, platform, python_version)
     target = [
         "--only-binary=:all:",
         "--platform",
@@ -99,6 +107,7 @@ def download_wheels(
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise PcamError(f"pip download for {platform} cp{python_version} failed: {last}")
         shutil.rmtree(folder, ignore_errors=True)
+        partial.chmod(0o755)  # mkdtemp makes it private
         partial.rename(folder)
     return sorted(folder.glob("*.whl"))
 
@@ -144,6 +153,8 @@ def build_pcam_wheel(src: Path, requirements: list[str], out_dir: Path) -> Path:
             ],
             capture_output=True,
             text=True,
+            # Zip entry times from this date, not the files' mtimes: the same code, the same wheel.
+            env={**os.environ, "SOURCE_DATE_EPOCH": "315532800"},
         )
         if done.returncode != 0:
             raise PcamError(f"building the pcam wheel failed: {done.stderr.strip()[-300:]}")
@@ -152,7 +163,7 @@ def build_pcam_wheel(src: Path, requirements: list[str], out_dir: Path) -> Path:
 
 
 def readme(name: str, platform: str, python_version: str, pins: list[str], parity: dict) -> str:
-    p = parity.get("parity", {})
+    p = parity["parity"]
     return f"""# {name}
 
 The pcam tumour-patch classifier for a machine without network: the model, its decision
@@ -182,14 +193,15 @@ probability >= the threshold in threshold.json (chosen on the validation split b
 ## Contents
 
 - `model.onnx`: uint8 NHWC patches in, logit out; the normalisation is inside the graph.
-- `model.pt`: the PyTorch checkpoint it was exported from (`--backend torch` needs torch 2.13,
-  not included).
+- `model.pt`: the PyTorch checkpoint it was exported from: the record, and what
+  `--backend torch` reads in a full pcam install (torch and the pipeline's dependencies are not
+  in this bundle).
 - `threshold.json`: threshold, the rule that chose it, md5 of model.pt.
 - `normalisation.json`: per-channel mean/std on the 0..1 scale (train split), for reference.
-- `onnx_parity.json`: onnxruntime against PyTorch on the test split: max |Δ probability|
-  {p.get("max_abs_diff_probability", float("nan")):.2e} over {p.get("patches", 0)} patches,
-  {p.get("labels_differ", "?")} labels differ at the threshold.
-- `requirements.txt`: the exact versions in wheels/ ({", ".join(pins)} and their dependencies).
+- `onnx_parity.json`: onnxruntime against PyTorch on the test split ({p["patches"]} patches):
+  max |Δ probability| {p["max_abs_diff_probability"]:.2e}, {p["labels_differ"]} labels differ at the threshold.
+- `requirements.txt`: the exact version of every wheel in wheels/; pcam needs
+  {", ".join(pins)}.
 """
 
 
@@ -237,11 +249,12 @@ def build(
         write_json(root / "normalisation.json", checked["normalisation"])
         for w in wheels:
             shutil.copy(w, root / "wheels" / w.name)
-        build_pcam_wheel(src, requirements, root / "wheels")
-        pins = sorted("{}=={}".format(*wheel_name_version(w)) for w in wheels)
+        pcam_wheel = build_pcam_wheel(src, requirements, root / "wheels")
+        pins = sorted("{}=={}".format(*wheel_name_version(w)) for w in [*wheels, pcam_wheel])
         write_text(root / "requirements.txt", "\n".join(pins) + "\n")
         write_text(
-            root / "README.md", readme(name, platform, python_version, requirements, checked)
+            root / "README.md",
+            readme(name, platform, python_version, requirements, checked["parity"]),
         )
         write_tar_gz(root, out)
     return out
