@@ -326,8 +326,8 @@ def positive_int(text: str) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = _Parser(
         prog="python -m pcam.predict",
-        description=__doc__.split("\n")[0],
-        epilog="Details: the module docstring (python -c 'import pcam.predict; help(pcam.predict)').",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
     ap.add_argument(
