@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup repro test lock-check lint format clean-venv
+.PHONY: setup repro test lock-check lint format clean-venv export bundle
 
 # torch first, by exact pin: an unpinned torch (or a package pulling one) downloads GBs of CUDA
 # wheels. constraints.txt pins every transitive dependency to what dvc.lock was produced with.
@@ -44,6 +44,18 @@ format: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# --- Deployment: after `dvc repro` (needs models/model.pt, models/threshold.json, the test split) --
+# export: models/model.onnx + models/onnx_parity.json (onnxruntime against PyTorch on the test
+# split; the model is written only if they agree). Not a DVC stage: the seven stages are fixed.
+# bundle: dist/pcam-bundle-<target>.tar.gz for an offline machine (README inside). Downloads the
+# target's wheels once into .cache/bundle-wheels/; BUNDLE_ARGS='--platform ... --python-version ...'.
+BUNDLE_ARGS ?=
+export: setup
+	$(PY) -m pcam.export
+
+bundle: export
+	$(PY) -m pcam.bundle $(BUNDLE_ARGS)
 
 # --- Experiment sweeps, reports for pull requests, plots that work offline --------------------
 # A grid over lr and seed (every combination):   make sweep sweep-run sweep-report

@@ -40,3 +40,45 @@ def tiny_raw(tmp_path: Path) -> Path:
     for i, split in enumerate(h5io.SPLITS):
         write_tiny_split(raw, split, n=16, seed=i)
     return raw
+
+
+@pytest.fixture(scope="session")
+def deployed_model(tmp_path_factory) -> Path:
+    """A tiny trained model as `evaluate` and `make export` leave it: model.pt, threshold.json,
+    model.onnx and onnx_parity.json, plus a 64-patch test split in raw/ (x, y, meta)."""
+    import hashlib
+    import json
+
+    from pcam.export import main as export_main
+    from pcam.training import train
+    from tests.test_training import MEAN, STD, params, prov, tiny_split
+
+    d = tmp_path_factory.mktemp("deployed")
+    p = params(epochs=1)
+    train(
+        p,
+        tiny_split("train", 48, 0),
+        tiny_split("valid", 16, 1),
+        MEAN,
+        STD,
+        d / "model.pt",
+        prov(p),
+    )
+    md5 = hashlib.md5((d / "model.pt").read_bytes()).hexdigest()
+    (d / "threshold.json").write_text(json.dumps({"threshold": 0.5, "model_md5": md5}))
+    x = tiny_split("test", 64, 2).x.numpy()
+    y = (np.arange(64) % 2).astype(np.uint8)
+    h5io.write_split(d / "raw", "test", x, y, make_meta(64, y))
+    export_main(
+        [
+            "--model",
+            str(d / "model.pt"),
+            "--test-x",
+            str(d / "raw" / h5io.x_name("test")),
+            "--out",
+            str(d / "model.onnx"),
+            "--report",
+            str(d / "onnx_parity.json"),
+        ]
+    )
+    return d

@@ -1,14 +1,14 @@
 """pcam: a reproducible PatchCamelyon pipeline. Stage scripts in stages/ call into this package.
 
-Importing pcam pins the CPU numerics (pcam/numerics.py) before numpy or torch load: stage scripts
-import pcam before anything else.
+Importing pcam pins the CPU numerics (pcam/numerics.py) before numpy or torch load, so stage
+scripts import pcam before anything else; under DVC it also ties the stage's life to dvc's.
 """
+
+import os
 
 from pcam import numerics as _numerics
 
 _numerics.pin_environment()
-
-import os
 
 __version__ = "0.1.0"
 

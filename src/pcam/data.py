@@ -38,10 +38,7 @@ def read_x(path: str | os.PathLike, rows: np.ndarray | None = None) -> np.ndarra
     """Read an x file into one uint8 array with contiguous slices; `rows` keeps a sorted subset."""
     f, ds = h5io.open_dataset(path, "x")
     with f:
-        if ds.shape[1:] != h5io.PATCH_SHAPE or not (ds.dtype == np.uint8 or ds.dtype.kind == "f"):
-            raise PcamError(
-                f"{path}: dataset 'x' is {ds.shape} {ds.dtype}, expected (N,96,96,3) uint8"
-            )
+        h5io.check_x_dataset(path, ds)
         keep = np.arange(ds.shape[0]) if rows is None else np.asarray(rows)
         out = np.empty((len(keep),) + h5io.PATCH_SHAPE, dtype=np.uint8)
         if len(keep) == 0:

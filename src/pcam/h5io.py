@@ -194,6 +194,12 @@ def open_dataset(path: str | os.PathLike, name: str) -> tuple[h5py.File, h5py.Da
     return f, obj
 
 
+def check_x_dataset(path: str | os.PathLike, ds: h5py.Dataset) -> None:
+    """An x dataset is (N,96,96,3) uint8, or float for pixels_as_uint8 to check row by row."""
+    if ds.shape[1:] != PATCH_SHAPE or not (ds.dtype == np.uint8 or ds.dtype.kind == "f"):
+        raise PcamError(f"{path}: dataset 'x' is {ds.shape} {ds.dtype}, expected (N,96,96,3) uint8")
+
+
 def iter_chunks(n: int, rows: int) -> Iterator[slice]:
     """Contiguous row ranges covering [0, n): large slices are what make HDF5 reads fast."""
     for start in range(0, n, rows):

@@ -1,11 +1,24 @@
 """Inference CLI: probabilities and labels for new patches, at the threshold chosen on valid.
 
-    python -m pcam.predict --model models/model.pt INPUT... [--out predictions.csv]
+    python -m pcam.predict INPUT... [--model models/model.pt | models/model.onnx] [--out out.csv]
+    python -m pcam.predict --backend onnx data/raw --out predictions.csv   # no torch needed
 
-INPUT may be PCAM .h5 files (dataset "x", (N,96,96,3) uint8), PNG/JPEG images (96x96 RGB; other
-sizes are an error unless --center-crop) or directories of those. The CSV has one row per patch:
-source, index (row in an .h5, 0 for an image), probability, label. The threshold comes from
-models/threshold.json written by `evaluate` next to the model (or --threshold).
+INPUT may be PCAM .h5 files (dataset "x", (N,96,96,3) uint8), PNG/JPEG images (96x96 8-bit RGB)
+or directories of those. A PCAM directory works as it is: the _x.h5 files are scored, a matching
+_y.h5 next to one fills the true_label column, _y.h5 and .csv files are not scored. Images of
+another size are an error unless --center-crop can cut 96x96 out of them; grayscale, alpha,
+palette, CMYK and 16-bit images are an error unless --convert-rgb (the conversion is spelled out
+in its help). With --keep-going, a bad input is listed and skipped and the others are scored;
+the exit status is still 1.
+
+The CSV has one row per patch: source, index (row in an .h5, 0 for an image), probability, label
+(at the threshold), true_label (from a _y.h5, else empty). The threshold comes from
+threshold.json next to the model, written by `evaluate` for that very checkpoint (or --threshold).
+
+Backends: torch (models/model.pt) or onnx (models/model.onnx from `python -m pcam.export`, runs on
+onnxruntime without torch, which makes start-up several seconds shorter). The backend follows the
+--model suffix unless --backend says otherwise. Imports happen where they are needed, so that
+`--help` or a missing file is answered at once.
 """
 
 from __future__ import annotations
@@ -14,114 +27,353 @@ import argparse
 import csv
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
 
-from pcam import h5io
-from pcam.checkpoint import load_checkpoint, load_model
-from pcam.data import read_x
 from pcam.errors import PcamError, exit_on_user_error
 from pcam.fileio import atomic_path, md5_file
-from pcam.inference import predict_logits, sigmoid
-from pcam.training import resolve_device
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 H5_SUFFIXES = {".h5", ".hdf5"}
-SIZE = h5io.PATCH_SHAPE[0]
+SIZE = 96  # h5io.PATCH_SHAPE; not imported from there, which would import h5py for images too
+H5_BLOCK_ROWS = 4096  # patches read from an .h5 at a time (108 MiB): memory bounded per file
+DEFAULT_MODELS = {"torch": Path("models/model.pt"), "onnx": Path("models/model.onnx")}
+COLUMNS = ("source", "index", "probability", "label", "true_label")
+
+# How --convert-rgb turns each Pillow mode into 8-bit RGB, and what the refusal says otherwise.
+MODE_NAMES = {
+    "L": "grayscale",
+    "LA": "grayscale with alpha",
+    "1": "1-bit black and white",
+    "P": "palette",
+    "PA": "palette with alpha",
+    "RGBA": "RGBA (alpha channel)",
+    "RGBa": "RGBA (alpha channel)",
+    "CMYK": "CMYK",
+    "YCbCr": "YCbCr",
+    "I;16": "16-bit grayscale",
+    "I;16B": "16-bit grayscale",
+    "I;16L": "16-bit grayscale",
+}
+CONVERT_HELP = (
+    "convert non-RGB images to 8-bit RGB instead of refusing them: grayscale is copied to all "
+    "three channels, alpha is composited over white (the slide background), palettes and CMYK "
+    "are converted by Pillow, 16-bit samples keep their high byte (v >> 8)"
+)
+
+Row = tuple[str, int, float, int | None]  # source, index, probability, true label
+Logits = Callable[[np.ndarray], np.ndarray]  # uint8 (n,96,96,3) -> float64 logits (n,)
 
 
-def expand_inputs(inputs: list[Path]) -> list[Path]:
-    """Files as given, directories expanded (sorted, non-recursive) to their images and .h5 files."""
-    files = []
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Probabilities from logits, numpy only (scipy's expit computes the same 1 / (1 + e^-x))."""
+    with np.errstate(over="ignore"):  # e^-x overflows to inf for x < -709: probability 0, right
+        return 1.0 / (1.0 + np.exp(-logits))
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What to score: files in order, a _y.h5 label file per x file where one is next to it."""
+
+    files: list[Path]
+    labels: dict[Path, Path]
+    failures: list[str]  # inputs that could not even be listed (with --keep-going)
+
+
+def y_partner(path: Path) -> Path | None:
+    """camelyonpatch_..._x.h5 -> the _y.h5 next to it, if that exists."""
+    stem = path.name[: -len(path.suffix)]
+    if not stem.endswith("_x"):
+        return None
+    partner = path.with_name(stem[:-2] + "_y" + path.suffix)
+    return partner if partner.is_file() else None
+
+
+def is_label_file(path: Path) -> bool:
+    return path.suffix.lower() in H5_SUFFIXES and path.name[: -len(path.suffix)].endswith("_y")
+
+
+def expand_inputs(inputs: list[Path], keep_going: bool) -> Inputs:
+    """Files as given; directories expanded (sorted, non-recursive) to their images and .h5 files,
+    without the PCAM label files (_y.h5), which label their _x.h5 instead of being scored."""
+    files, failures = [], []
     for path in inputs:
-        if path.is_dir():
-            found = sorted(
-                q for q in path.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES | H5_SUFFIXES
-            )
-            if not found:
-                raise PcamError(f"{path}: directory holds no .h5, .png or .jpg files")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise PcamError(f"{path}: no such file or directory")
-    return files
+        try:
+            if path.is_dir():
+                found = sorted(
+                    q
+                    for q in path.iterdir()
+                    if q.suffix.lower() in IMAGE_SUFFIXES | H5_SUFFIXES and not is_label_file(q)
+                )
+                if not found:
+                    raise PcamError(f"{path}: directory holds no .h5, .png or .jpg files to score")
+                files += found
+            elif path.is_file():
+                files.append(path)
+            else:
+                raise PcamError(f"{path}: no such file or directory")
+        except PcamError as err:
+            if not keep_going:
+                raise
+            failures.append(str(err))
+    labels = {f: y for f in files if (y := y_partner(f)) is not None}
+    return Inputs(files, labels, failures)
 
 
-def read_image(path: Path, center_crop: bool) -> np.ndarray:
+def read_image(path: Path, center_crop: bool, convert_rgb: bool) -> np.ndarray:
+    """One image as a (96,96,3) uint8 array; anything else is one PcamError line."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with Image.open(path) as im:
-            rgb = np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy for torch
-    except (UnidentifiedImageError, OSError) as err:
+            rgb = _as_rgb(path, im, convert_rgb)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise PcamError(f"{path}: not a readable image ({err})") from None
     h, w = rgb.shape[:2]
     if (h, w) == (SIZE, SIZE):
         return rgb
-    if center_crop and h >= SIZE and w >= SIZE:
+    can_crop = h >= SIZE and w >= SIZE
+    if center_crop and can_crop:
         top, left = (h - SIZE) // 2, (w - SIZE) // 2
         return rgb[top : top + SIZE, left : left + SIZE]
-    hint = "" if center_crop else " (use --center-crop for larger images)"
+    if can_crop:
+        hint = " (use --center-crop to cut out the centre)"
+    else:
+        hint = f" (smaller than {SIZE}x{SIZE} {'both ways' if h < SIZE and w < SIZE else 'one way'}: cropping cannot help)"
     raise PcamError(f"{path}: image is {w}x{h}, expected {SIZE}x{SIZE}{hint}")
 
 
-def patches(
-    files: list[Path], center_crop: bool
-) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
-    """(source of each row, row indices, uint8 patches): one batch per .h5 file, and one batch
-    for all images."""
-    images, image_paths = [], []
-    for path in files:
-        if path.suffix.lower() in H5_SUFFIXES:
-            x = read_x(path)
-            yield [str(path)] * len(x), np.arange(len(x)), x
-        elif path.suffix.lower() in IMAGE_SUFFIXES:
-            images.append(read_image(path, center_crop))
-            image_paths.append(str(path))
-        else:
-            raise PcamError(f"{path}: unsupported file type (expected .h5, .png, .jpg)")
-    if images:
-        yield image_paths, np.zeros(len(images), dtype=np.int64), np.stack(images)
+def _as_rgb(path: Path, im, convert_rgb: bool) -> np.ndarray:
+    """8-bit RGB pixels of an open image; other modes only with convert_rgb (see CONVERT_HELP)."""
+    from PIL import Image
+
+    # Pillow opens a 16-bit RGB PNG as mode RGB (keeping the high byte): only the raw mode tells.
+    rawmode = im.tile[0].args if im.tile and isinstance(im.tile[0].args, str) else ""
+    sixteen_bit = ";16" in rawmode or im.mode.startswith("I;16")
+    if im.mode == "RGB" and not sixteen_bit:
+        return np.array(im, dtype=np.uint8)  # a writable copy for torch
+    what = "16-bit RGB" if im.mode == "RGB" else MODE_NAMES.get(im.mode)
+    if what is None:
+        raise PcamError(f"{path}: image mode {im.mode} is not supported (expected 8-bit RGB)")
+    if not convert_rgb:
+        raise PcamError(f"{path}: image is {what}, expected 8-bit RGB (--convert-rgb converts it)")
+    if im.mode == "RGB":
+        return np.array(im, dtype=np.uint8)  # Pillow already kept the high byte of each sample
+    if im.mode.startswith("I;16"):
+        gray = (np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if im.mode in ("LA", "PA", "RGBA", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.array(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
+    return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
-def load_threshold(model_path: Path, threshold_path: Path | None, override: float | None) -> float:
-    """The threshold evaluate chose on valid; refuse one recorded for another model file."""
-    if override is not None:
-        return override
-    path = threshold_path or model_path.parent / "threshold.json"
+def score_h5(path: Path, labels_path: Path | None, logits: Logits) -> Iterator[Row]:
+    """Rows of one .h5 file, read in contiguous blocks so memory does not grow with the file."""
+    from pcam import h5io
+
+    f, ds = h5io.open_dataset(path, "x")
+    with f:
+        h5io.check_x_dataset(path, ds)
+        n = ds.shape[0]
+        if n == 0:
+            raise PcamError(f"{path}: dataset 'x' holds 0 patches")
+        y = h5io.read_labels(labels_path) if labels_path else None
+        if y is not None and len(y) != n:
+            raise PcamError(f"{labels_path}: {len(y)} labels for the {n} patches of {path.name}")
+        for rows in h5io.iter_chunks(n, H5_BLOCK_ROWS):
+            x = h5io.pixels_as_uint8(path, h5io.read_rows(ds, rows, path), rows.start)
+            for i, p in zip(range(rows.start, rows.stop), sigmoid(logits(x)), strict=True):
+                yield str(path), i, float(p), None if y is None else int(y[i])
+
+
+def score(inputs: Inputs, logits: Logits, args: argparse.Namespace) -> tuple[list[Row], list[str]]:
+    """Rows of every input that scored, and the failures (--keep-going; else the first raises).
+
+    Rows follow the order of the inputs. An .h5 file's rows count only when the whole file
+    scored; images go to the model in batches of --batch-size.
+    """
+    rows: list[Row] = []
+    failures = list(inputs.failures)
+    images: list[np.ndarray] = []
+    image_paths: list[str] = []
+
+    def flush_images() -> None:
+        if images:
+            prob = sigmoid(logits(np.stack(images)))
+            rows.extend((s, 0, float(p), None) for s, p in zip(image_paths, prob, strict=True))
+            images.clear()
+            image_paths.clear()
+
+    for path in inputs.files:
+        try:
+            suffix = path.suffix.lower()
+            if suffix in H5_SUFFIXES:
+                flush_images()  # rows stay in the order of the inputs
+                rows.extend(list(score_h5(path, inputs.labels.get(path), logits)))
+            elif suffix in IMAGE_SUFFIXES:
+                images.append(read_image(path, args.center_crop, args.convert_rgb))
+                image_paths.append(str(path))
+                if len(images) == args.batch_size:
+                    flush_images()
+            else:
+                raise PcamError(f"{path}: unsupported file type (expected .h5, .png, .jpg)")
+        except PcamError as err:
+            message = _label_file_hint(path, str(err))
+            if not args.keep_going:
+                raise PcamError(message) from None
+            failures.append(message)
+    flush_images()
+    return rows, failures
+
+
+def _label_file_hint(path: Path, message: str) -> str:
+    if is_label_file(path) and "dataset 'x' missing" in message:
+        return message + " (a PCAM label file: score its _x.h5 or the directory)"
+    return message
+
+
+def load_threshold(path: Path, model_md5: str, model_path: Path) -> float:
+    """The threshold evaluate chose on valid; refuse one recorded for another checkpoint."""
     if not path.is_file():
         raise PcamError(
             f"{path}: no threshold file (run `dvc repro evaluate`, or pass --threshold)"
         )
-    doc = json.loads(path.read_text())
-    md5 = md5_file(model_path)
-    if doc.get("model_md5") != md5:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise PcamError(
+            f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+        ) from None
+    except UnicodeDecodeError as err:
+        raise PcamError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    value = doc.get("threshold") if isinstance(doc, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise PcamError(f"{path}: key 'threshold' must be a number in [0, 1], got {value!r}")
+    if doc.get("model_md5") != model_md5:
         raise PcamError(
             f"{path}: threshold was chosen for another model (md5 differs from {model_path})"
         )
-    return float(doc["threshold"])
+    return float(value)
 
 
-def write_rows(fh, rows: list[tuple[str, int, float, int]]) -> None:
+def torch_backend(model_path: Path, device_name: str, batch_size: int) -> tuple[Logits, str]:
+    """The checkpoint on torch: logits function, and the md5 its threshold must carry."""
+    try:
+        import torch
+    except ImportError:
+        raise PcamError(
+            "torch is not installed here: use --backend onnx with model.onnx (pcam bundles ship "
+            "the onnx backend only)"
+        ) from None
+    from pcam.checkpoint import load_checkpoint, load_model
+    from pcam.inference import predict_logits
+
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise PcamError("--device cuda: no CUDA device is available")
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    ckpt = load_checkpoint(model_path)
+    model = load_model(ckpt, model_path).to(device)
+    mean = torch.tensor(ckpt["normalisation"]["mean"])
+    std = torch.tensor(ckpt["normalisation"]["std"])
+
+    def logits(x: np.ndarray) -> np.ndarray:
+        return predict_logits(model, torch.from_numpy(x), mean, std, batch_size, device)
+
+    return logits, md5_file(model_path)
+
+
+def onnx_backend(model_path: Path, device_name: str, batch_size: int) -> tuple[Logits, str]:
+    """The exported model on onnxruntime: logits function, and the md5 of its source checkpoint."""
+    from pcam.onnx_model import load_onnx
+
+    if device_name == "cuda":
+        raise PcamError("--device cuda needs --backend torch (the onnx backend runs on CPU)")
+    model = load_onnx(model_path)
+    return (lambda x: model.logits(x, batch_size)), model.source_md5
+
+
+def write_rows(fh, rows: list[Row], threshold: float) -> None:
     w = csv.writer(fh)
-    w.writerow(("source", "index", "probability", "label"))
-    w.writerows((s, i, f"{q:.6f}", label) for s, i, q, label in rows)
+    w.writerow(COLUMNS)
+    for source, index, p, y in rows:
+        w.writerow((source, index, f"{p:.6f}", int(p >= threshold), "" if y is None else y))
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too (argparse alone prints the usage block first)."""
+
+    def error(self, message: str):
+        raise PcamError(f"{message} (see python -m pcam.predict --help)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m pcam.predict", description=__doc__.split("\n")[0])
+    ap = _Parser(
+        prog="python -m pcam.predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
-    ap.add_argument("--model", type=Path, default=Path("models/model.pt"))
-    ap.add_argument("--threshold-file", type=Path, default=None)
+    ap.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="default: models/model.pt (torch) or models/model.onnx (onnx)",
+    )
+    ap.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default=None,
+        help="default: onnx for a .onnx --model, else torch",
+    )
+    ap.add_argument(
+        "--threshold-file",
+        type=Path,
+        default=None,
+        help="default: threshold.json next to the model",
+    )
     ap.add_argument("--threshold", type=float, default=None, help="override the stored threshold")
     ap.add_argument("--out", type=Path, default=None, help="CSV path (default: stdout)")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=positive_int, default=256)
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    ap.add_argument("--center-crop", action="store_true", help="crop larger images to 96x96")
+    ap.add_argument(
+        "--center-crop", action="store_true", help="cut the centre 96x96 out of larger images"
+    )
+    ap.add_argument("--convert-rgb", action="store_true", help=CONVERT_HELP)
+    ap.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="score the good inputs, list the bad ones, exit 1 if any failed",
+    )
     return ap.parse_args(argv)
+
+
+def resolve_backend(args: argparse.Namespace) -> tuple[str, Path]:
+    backend = args.backend or ("onnx" if args.model and args.model.suffix == ".onnx" else "torch")
+    model = args.model or DEFAULT_MODELS[backend]
+    if backend == "torch" and model.suffix == ".onnx":
+        raise PcamError(f"{model}: an ONNX model needs --backend onnx")
+    if backend == "onnx" and model.suffix != ".onnx":
+        raise PcamError(
+            f"{model}: --backend onnx needs the exported .onnx model (python -m pcam.export)"
+        )
+    return backend, model
 
 
 @exit_on_user_error
@@ -129,29 +381,36 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise PcamError(f"--threshold {args.threshold} must be within [0, 1]")
-    device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.model)
-    model = load_model(ckpt, args.model).to(device)
-    threshold = load_threshold(args.model, args.threshold_file, args.threshold)
-    mean = torch.tensor(ckpt["normalisation"]["mean"])
-    std = torch.tensor(ckpt["normalisation"]["std"])
-    rows = []
-    for sources, index, x in patches(expand_inputs(args.inputs), args.center_crop):
-        prob = sigmoid(
-            predict_logits(model, torch.from_numpy(x), mean, std, args.batch_size, device)
+    backend, model_path = resolve_backend(args)
+    # Inputs first: a typo in a path is answered before the model loads.
+    inputs = expand_inputs(args.inputs, args.keep_going)
+    load = torch_backend if backend == "torch" else onnx_backend
+    logits, model_md5 = load(model_path, args.device, args.batch_size)
+    threshold = args.threshold
+    if threshold is None:
+        threshold_path = args.threshold_file or model_path.parent / "threshold.json"
+        threshold = load_threshold(threshold_path, model_md5, model_path)
+    rows, failures = score(inputs, logits, args)
+    for message in failures:
+        print(f"error: {message}", file=sys.stderr)
+    if not rows:
+        raise PcamError(
+            "no patches scored: nothing written" + (" (every input failed)" if failures else "")
         )
-        rows += [
-            (source, int(i), float(q), int(q >= threshold))
-            for source, i, q in zip(sources, index, prob, strict=True)
-        ]
     if args.out is None:
-        write_rows(sys.stdout, rows)
-        return
-    with atomic_path(args.out) as tmp, open(tmp, "w", newline="") as fh:
-        write_rows(fh, rows)
-    print(
-        f"predict: {len(rows)} patches -> {args.out} (threshold {threshold:.4f})", file=sys.stderr
-    )
+        write_rows(sys.stdout, rows, threshold)
+    else:
+        with atomic_path(args.out) as tmp, open(tmp, "w", newline="") as fh:
+            write_rows(fh, rows, threshold)
+        print(
+            f"predict: {len(rows)} patches -> {args.out} (threshold {threshold:.4f}, {backend})",
+            file=sys.stderr,
+        )
+    if failures:
+        n_inputs = len(inputs.files) + len(inputs.failures)
+        raise PcamError(
+            f"{len(failures)} of {n_inputs} inputs failed (listed above); the others were scored"
+        )
 
 
 if __name__ == "__main__":
