@@ -1,6 +1,7 @@
 """compute-stats stage: per-channel mean/std of the train split minus exclusions -> data/stats.json.
 
 Run by DVC (`dvc repro compute-stats`). Reads only the train split: valid/test cannot leak in.
+Leaves out train's exclusions when train.use_exclusions is true, as training does.
 """
 
 from pathlib import Path
@@ -19,9 +20,10 @@ STATS = Path("data/stats.json")
 
 @exit_on_user_error
 def main() -> None:
-    p = load_params().stats
+    params = load_params()
     x_path, _, _ = h5io.split_files(RAW_DIR, "train")
-    stats = channel_stats(x_path, load_excluded(EXCLUSIONS, "train"), p.chunk_rows)
+    excluded = load_excluded(EXCLUSIONS if params.train.use_exclusions else None, "train")
+    stats = channel_stats(x_path, excluded, params.stats.chunk_rows)
     write_json(STATS, stats)
     print(
         f"compute-stats: mean {stats['mean']} std {stats['std']} over {stats['n_patches']} patches"

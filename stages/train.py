@@ -48,7 +48,8 @@ def run_rank(rank: int, world: int) -> None:
         dist.init_process_group(backend, rank=rank, world_size=world)
     mean, std = load_stats(STATS)
     budget = params.data.memory_budget_gb
-    train_split = load_split(RAW_DIR, "train", EXCLUSIONS, budget)
+    exclusions = EXCLUSIONS if p.use_exclusions else None
+    train_split = load_split(RAW_DIR, "train", exclusions, budget)
     valid_split = load_split(RAW_DIR, "valid", memory_budget_gb=budget)
     prov = provenance({"data": to_dict(params.data), "train": to_dict(p)}, p.seed, device)
     prov["world_size"] = world

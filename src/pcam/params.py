@@ -67,7 +67,10 @@ class SyntheticParams:
 
 @dataclass(frozen=True)
 class PcamSourceParams:
-    base_url: str
+    base_url: str  # http(s):// (Zenodo, a mirror) or file:// (a local copy, e.g. torchvision's)
+    # "official": the md5 table in download.py; else a JSON file {file name: md5} for a mirror
+    # that repacked the files. Only accepts or refuses files, never changes them.
+    checksums: str
     timeout_s: float = _range(0.0, lo_open=True)
     retries: int = _range(0)
 
@@ -144,6 +147,9 @@ class TrainParams:
     grad_clip_norm: float = _range(0.0)  # 0 = off
     early_stopping_patience: int = _range(0)  # epochs without val ROC-AUC gain; 0 = off
     sampler: Literal["shuffle", "weighted"]
+    # Leave the train patches validate-data excluded (validate.exclude) out of training and of
+    # the normalisation statistics. false: train on every patch, as published PCAM results do.
+    use_exclusions: bool
     augment: AugmentParams
     resume: bool  # continue from models/model.pt (or set PCAM_RESUME=1, for cluster jobs)
     device: Literal["auto", "cpu", "cuda"]
@@ -221,8 +227,14 @@ def _check_threshold(value: str | float) -> str | None:
     return f"must be one of {', '.join(THRESHOLD_RULES)}, sensitivity@<0..1> or a number in [0, 1]"
 
 
+def _check_checksums(value: str) -> str | None:
+    if value == "official" or value.endswith(".json"):
+        return None
+    return "must be 'official' or the path of a .json file {file name: md5}"
+
+
 # Extra checks that do not fit a type + range, by dotted key.
-_CUSTOM_CHECKS = {"evaluate.threshold": _check_threshold}
+_CUSTOM_CHECKS = {"evaluate.threshold": _check_threshold, "data.pcam.checksums": _check_checksums}
 
 
 class _Loader(yaml.SafeLoader):
