@@ -118,6 +118,7 @@ def test_download_path_runs_all_seven_stages(originals, server, tmp_path):
     assert _excluded(repo, "train")
     assert read_json(repo / "metrics/train.json")["n_train"] == N["train"]
     assert read_json(repo / "data/stats.json")["n_patches"] == N["train"]
+    assert read_json(repo / "data/drift_reference.json")["n_patches"] == N["train"]
     _assert_headline_test_is_the_whole_test_split(repo)
 
 
@@ -153,6 +154,7 @@ def test_copy_without_meta_csvs_runs_and_says_what_it_skipped(originals, server,
     n_train = N["train"] - len(_excluded(repo, "train"))
     assert read_json(repo / "metrics/train.json")["n_train"] == n_train < N["train"]
     assert read_json(repo / "data/stats.json")["n_patches"] == n_train
+    assert read_json(repo / "data/drift_reference.json")["n_patches"] == n_train
     _assert_headline_test_is_the_whole_test_split(repo)
 
 

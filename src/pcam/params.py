@@ -204,6 +204,22 @@ class BenchmarkParams:
 
 
 @dataclass(frozen=True)
+class DriftParams:
+    # Train patches (evenly spaced, after exclusions) whose colour/stain features compute-stats
+    # keeps in data/drift_reference.json: what `python -m pcam.drift` compares new patches with.
+    reference_patches: int = _range(100)
+    bins: int = _range(2, 100)  # PSI bins: quantiles of the reference
+    # Flag a colour/stain feature whose mean on the new patches lies more than this many
+    # training standard deviations from the training mean.
+    feature_shift_max: float = _range(0.0, lo_open=True)
+    # Flag the model's probabilities on the new patches (against valid's) above these population
+    # stability index / KS statistic. PSI convention: < 0.1 stable, 0.1-0.25 moderate, > 0.25 major.
+    prediction_psi_max: float = _range(0.0, lo_open=True)
+    prediction_ks_max: float = _range(0.0, 1.0, lo_open=True)
+    min_patches: int = _range(1)  # fewer new patches: refused (the statistics would be noise)
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     validate: ValidateParams
@@ -212,6 +228,7 @@ class Params:
     evaluate: EvaluateParams
     slice: SliceParams
     benchmark: BenchmarkParams
+    drift: DriftParams
 
 
 THRESHOLD_RULES = ("f2", "f1", "youden")
