@@ -13,16 +13,10 @@ from pcam import drift, h5io, stain
 from pcam.checkpoint import load_checkpoint, load_model
 from pcam.data import Split
 from pcam.inference import predict_logits, sigmoid
-from pcam.synthetic import StainShift, generate_split, slide_ids_for
+from pcam.synthetic import ANOTHER_LAB, generate_split, slide_ids_for
 from pcam.training import train
 from tests.test_training import params, prov
 
-# Another lab: more (and bluer) haematoxylin, paler and more orange eosin, a yellowish scanner.
-SHIFT = StainShift(
-    haematoxylin_od_gain=(1.5, 1.4, 1.2),
-    eosin_od_gain=(0.6, 0.7, 0.9),
-    glass_rgb_gain=(1.0, 0.95, 0.85),
-)
 SITE = [f"site_slide_{i:03d}" for i in range(4)]
 
 
@@ -92,7 +86,7 @@ def deployed(tmp_path_factory):
     ckpt = load_checkpoint(d / "model.pt")
     prob = sigmoid(predict_logits(load_model(ckpt), torch.from_numpy(va.x), mean, std, 128))
     np.savez(d / "valid.npz", index=np.arange(len(prob)), probability=prob, label=va.y)
-    for name, shift in (("unshifted", None), ("shifted", SHIFT)):
+    for name, shift in (("unshifted", None), ("shifted", ANOTHER_LAB)):
         site = generate_split(256, SITE, 13, 0.2, stain_shift=shift)
         h5io.write_h5_dataset(d / f"{name}.h5", "x", site.x)
     return d

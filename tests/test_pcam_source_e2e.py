@@ -21,6 +21,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from dvc.api import artifacts_show
+from dvc.repo import Repo
 
 from pcam import h5io
 from tests.e2e import STAGES, TINY, copy_repo, dvc, read_json, run
@@ -120,6 +122,34 @@ def test_download_path_runs_all_seven_stages(originals, server, tmp_path):
     assert read_json(repo / "data/stats.json")["n_patches"] == N["train"]
     assert read_json(repo / "data/drift_reference.json")["n_patches"] == N["train"]
     _assert_headline_test_is_the_whole_test_split(repo)
+    _assert_model_is_a_registry_artifact_with_a_card(repo, tmp_path)
+
+
+def _assert_model_is_a_registry_artifact_with_a_card(repo: Path, tmp_path: Path) -> None:
+    """dvc.yaml's `artifacts:` entry, as DVC's model registry tools see it, and the model card
+    generated from these very outputs."""
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "repro"], repo)
+    run(["git", "tag", "-a", "pcam-classifier@v1.0.0", "-m", "register"], repo)  # = gto register
+    head = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    shown = artifacts_show("pcam-classifier", repo=str(repo))
+    assert shown == {"rev": head, "path": "models/model.pt"}
+    (artifact,) = Repo(str(repo)).artifacts.read()["dvc.yaml"].values()
+    assert artifact.type == "model" and "pcam" in artifact.labels
+    got = tmp_path / "got.pt"
+    dvc(["artifacts", "get", str(repo), "pcam-classifier", "-o", str(got)], repo)
+    assert got.read_bytes() == (repo / "models/model.pt").read_bytes()
+
+    run(["python", "-m", "pcam.modelcard", "--out", "reports/model_card.md"], repo)
+    card = (repo / "reports/model_card.md").read_text()
+    ev, tr = read_json(repo / "metrics/eval.json"), read_json(repo / "metrics/train.json")
+    for split in ("test", "valid"):
+        for key in ("roc_auc", "f2", "sensitivity", "specificity"):
+            m = ev[split][key]
+            assert f"{m['value']:.3f} ({m['ci_low']:.3f}–{m['ci_high']:.3f})" in card, (split, key)
+    assert f"Threshold **{ev['threshold']['value']:.4f}**" in card
+    assert f"best epoch {tr['best_epoch']}" in card and "## Not recorded" not in card
+    assert "![ROC, valid and test](../plots/eval/roc.png)" in card
 
 
 def test_copy_without_meta_csvs_runs_and_says_what_it_skipped(originals, server, tmp_path):

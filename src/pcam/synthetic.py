@@ -119,6 +119,15 @@ class StainShift:
     glass_rgb_gain: tuple[float, float, float] = (1.0, 1.0, 1.0)  # scanner white balance
 
 
+# Another lab, for drift demonstrations (tests/test_drift.py, scripts/drift_demo.py): more and
+# bluer haematoxylin, paler and more orange eosin, a yellowish scanner.
+ANOTHER_LAB = StainShift(
+    haematoxylin_od_gain=(1.5, 1.4, 1.2),
+    eosin_od_gain=(0.6, 0.7, 0.9),
+    glass_rgb_gain=(1.0, 0.95, 0.85),
+)
+
+
 def generate_split(
     n: int,
     slide_ids: Sequence[str],
