@@ -47,6 +47,7 @@ FIGURES = {
     "plots/slices/false_negatives_worst_slice.png": "most confident false negatives, worst slice",
 }
 ARTIFACT = "pcam-classifier"  # its name under `artifacts:` in dvc.yaml
+SPLIT_ORDER = {"train": 0, "valid": 1, "test": 2}
 RULES = {
     "f2": "maximises F2 on valid (recall weighted four times precision: a missed tumour costs "
     "more than a false alarm)",
@@ -203,7 +204,8 @@ def data_lines(dr: Source, p: Source, tr: Source) -> list[str]:
         "| split | patches | positive fraction | flagged for exclusion |",
         "|---|---:|---:|---:|",
     ]
-    for split, r in (dr.get("splits", {}) or {}).items():
+    splits = dr.get("splits", {}) or {}
+    for split, r in sorted(splits.items(), key=lambda kv: SPLIT_ORDER.get(kv[0], 9)):
         lines.append(
             f"| {split} | {r.get('n')} | {num(r.get('positive_fraction'))} | {r.get('excluded')} |"
         )
@@ -327,7 +329,7 @@ def render(root: Path, out: Path) -> tuple[str, list[str]]:
         f"- model md5 {lock_md5(lk, 'train', 'models/model.pt')}; data/raw md5 "
         f"{lock_md5(lk, 'prepare', 'data/raw')} (dvc.lock)",
         f"- library versions: {_versions(tr)}",
-        f"- device: {tr.get('provenance.device')}",
+        f"- device: {_plain(tr.get('provenance.device'))}",
         "- reproduce: `git checkout <commit> && dvc pull && dvc repro` (dvc.lock pins code, "
         "params and data hashes)",
     ]
@@ -337,10 +339,14 @@ def render(root: Path, out: Path) -> tuple[str, list[str]]:
 
 
 def _versions(tr: Source) -> str:
-    versions = tr.get("provenance.versions")
-    if not isinstance(versions, dict):
+    return _plain(tr.get("provenance.versions"))
+
+
+def _plain(record) -> str:
+    """A flat {name: value} record as `name value, ...`."""
+    if not isinstance(record, dict):
         return "not recorded"
-    return ", ".join(f"{k} {v}" for k, v in versions.items())
+    return ", ".join(f"{k} {v}" for k, v in record.items())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
