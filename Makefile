@@ -72,7 +72,7 @@ OFFLINE_PLOTS ?= .cache/offline-plots
 # Revisions for plots-offline; empty: the workspace against HEAD. E.g. PLOTS_REVS="main my-branch"
 PLOTS_REVS ?=
 
-.PHONY: sweep sweep-run sweep-report changes-report plots-offline
+.PHONY: sweep sweep-run sweep-report changes-report plots-offline model-card
 
 sweep: setup
 	dvc exp run --queue $(SWEEP_GRID) $(SWEEP_TARGETS)
@@ -102,3 +102,7 @@ plots-offline: setup
 	$(PY) -m pcam.offline_plots --dir $(OFFLINE_PLOTS)
 	mkdir -p $(REPORTS)
 	dvc plots diff $(PLOTS_REVS) --html-template $(OFFLINE_PLOTS)/template.html -o $(REPORTS)/plots-offline
+
+# The model card (Markdown, figures linked) from the pipeline's outputs: run after `dvc repro`.
+model-card: setup
+	$(PY) -m pcam.modelcard --out $(REPORTS)/model_card.md

@@ -4,14 +4,15 @@ Run by DVC (`dvc repro prepare`) from the repository root. `synthetic` generates
 default dataset with known defects injected (duplicates, train copies in valid/test, blank and
 black patches, backdoor triggers; data.synthetic.defects.*) and their indices in
 data/raw/synthetic_defects.json, which no stage reads: tests and benchmarks measure validate-data
-against it. `pcam` downloads the official files from Zenodo (resumable, md5-checked).
+against it. `pcam` downloads the official files from Zenodo (resumable, md5-checked), or copies them from a
+file:// URL; the meta CSVs are optional there.
 """
 
 from pathlib import Path
 
 from pcam import h5io
 from pcam.defects import defect_count, ground_truth, inject, take_donors
-from pcam.download import download_pcam
+from pcam.download import download_pcam, load_checksums
 from pcam.errors import exit_on_user_error
 from pcam.fileio import write_json
 from pcam.params import load_params
@@ -30,6 +31,7 @@ def main() -> None:
         download_pcam(
             RAW_DIR,
             p.pcam.base_url,
+            md5=load_checksums(p.pcam.checksums),
             cache_dir=DOWNLOAD_CACHE,
             timeout_s=p.pcam.timeout_s,
             retries=p.pcam.retries,

@@ -21,7 +21,13 @@ from pcam.metrics import CI_METRICS
 from pcam.params import load_params, to_dict
 from pcam.plots import patch_grid
 from pcam.provenance import provenance
-from pcam.slicing import confident_errors, define_slices, patch_features, score_slice
+from pcam.slicing import (
+    META_SLICES,
+    confident_errors,
+    define_slices,
+    patch_features,
+    score_slice,
+)
 
 RAW_DIR = Path("data/raw")
 PREDICTIONS = Path("data/predictions/test.npz")
@@ -45,10 +51,19 @@ def main() -> None:
     evaluation = json.loads(EVAL.read_text())
     threshold = evaluation["threshold"]["value"]
     x_path, _, meta_path = h5io.split_files(RAW_DIR, "test")
-    meta = h5io.read_meta(meta_path)
-    if len(meta) <= int(index.max()):
-        raise PcamError(f"{meta_path}: {len(meta)} rows but predictions index row {index.max()}")
-    meta = h5io.Meta(*(getattr(meta, f)[index] for f in h5io.META_COLUMNS))
+    meta, skipped = None, {}
+    if meta_path.exists():
+        meta = h5io.read_meta(meta_path)
+        if len(meta) <= int(index.max()):
+            raise PcamError(
+                f"{meta_path}: {len(meta)} rows but predictions index row {index.max()}"
+            )
+        meta = h5io.Meta(*(getattr(meta, f)[index] for f in h5io.META_COLUMNS))
+    else:
+        # The meta CSVs are optional (torchvision's PCAM copy has none); slices by pixels still run.
+        why = f"{meta_path.name} absent (the meta CSVs are optional)"
+        skipped = dict.fromkeys(META_SLICES, why)
+        print(f"slice: skipped {', '.join(META_SLICES)}: {why}")
     x = read_x(x_path, index)
 
     # evaluate scored these very predictions at this threshold
@@ -99,6 +114,7 @@ def main() -> None:
             "slices": slices,
             "worst_slice": worst,
             "warnings": warnings,
+            **({"skipped": skipped} if skipped else {}),
             "provenance": provenance({"slice": to_dict(p)}, seed, inputs=[PREDICTIONS]),
         },
     )

@@ -54,7 +54,8 @@ def run_rank(rank: int, world: int) -> None:
         dist.init_process_group(backend, rank=rank, world_size=world)
     mean, std = load_stats(STATS)
     budget = params.data.memory_budget_gb
-    train_split = load_split(RAW_DIR, "train", EXCLUSIONS, budget)
+    exclusions = EXCLUSIONS if p.use_exclusions else None
+    train_split = load_split(RAW_DIR, "train", exclusions, budget)
     valid_split = load_split(RAW_DIR, "valid", memory_budget_gb=budget)
     inputs = [
         RAW_DIR / f"camelyonpatch_level_2_split_{s}_{xy}.h5"

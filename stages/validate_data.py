@@ -10,6 +10,7 @@ Outputs: data/validated/exclusions.json (per split, the patches excluded for the
 validate.exclude; train and compute-stats leave out train's, evaluate reports test with and
 without test's), metrics/data.json (counts, storage, leakage, label association, slides) and
 plots/data/<reason>.png (up to 32 flagged patches per reason, one file per reason even if empty).
+A split without its meta CSV (optional) gets one line saying which checks were skipped and why.
 """
 
 import sys
@@ -25,6 +26,13 @@ RAW_DIR = Path("data/raw")
 EXCLUSIONS = Path("data/validated/exclusions.json")
 REPORT = Path("metrics/data.json")
 GALLERIES = Path("plots/data")
+
+
+def say_skipped(prefix: str, skipped: dict[str, str]) -> None:
+    """One line per reason: what was skipped and why."""
+    for why in dict.fromkeys(skipped.values()):
+        what = ", ".join(k for k, v in skipped.items() if v == why)
+        print(f"{prefix}: skipped {what}: {why}")
 
 
 @exit_on_user_error
@@ -44,6 +52,8 @@ def main() -> None:
             f"validate-data: {split}: {r['n']} patches, {r['positives']} positive; {found}; "
             f"{r['excluded']} excluded"
         )
+        say_skipped(f"validate-data: {split}", r.get("skipped", {}))
+    say_skipped("validate-data", result.report.get("skipped", {}))
     leak = result.report["leakage"]
     print(f"validate-data: {leak['tissue_rows_total']} valid/test patches copy earlier tissue")
 

@@ -328,3 +328,55 @@ def test_cached_downloads_are_not_fetched_again(served, tmp_path):
     _fetch(served, tmp_path / "raw3")
     assert len(served.server.requests) == 10
     _assert_matches_originals(served, tmp_path / "raw3")
+
+
+XY_NAMES = sorted(f(s) for s in SPLITS for f in (x_name, y_name))
+
+
+def test_meta_csvs_are_optional(served, tmp_path, capsys):
+    # torchvision's and tensorflow-datasets' copies of PCAM hold only the six x/y files.
+    for split in SPLITS:
+        (served.root / meta_name(split)).unlink()
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    (dest / meta_name("train")).write_text("an earlier download's CSV")
+    paths = _fetch(served, dest)
+    assert sorted(p.name for p in paths) == XY_NAMES
+    assert _files(dest) == XY_NAMES  # the stale CSV does not describe these patches: gone
+    for name in XY_NAMES:
+        assert (dest / name).read_bytes() == (served.orig / name).read_bytes(), name
+    said = [line for line in capsys.readouterr().out.splitlines() if "optional" in line]
+    assert len(said) == 3 and all("HTTP 404" in line for line in said)
+
+
+def test_a_missing_x_or_y_file_is_still_an_error(served, tmp_path):
+    (served.root / (y_name("valid") + ".gz")).unlink()
+    with pytest.raises(PcamError, match=rf"{y_name('valid')}.gz: HTTP 404"):
+        _fetch(served, tmp_path / "raw")
+    assert _files(tmp_path / "raw") == []
+
+
+def test_file_url_local_copy_without_csvs(served, tmp_path):
+    # A local copy: file:// (torchvision keeps the .h5.gz it unpacked), no meta CSVs, no server.
+    for split in SPLITS:
+        (served.root / meta_name(split)).unlink()
+    dest = tmp_path / "raw"
+    download_pcam(
+        dest, served.root.as_uri(), md5=served.md5, cache_dir=tmp_path / "c", progress=False
+    )
+    assert _files(dest) == XY_NAMES
+    assert served.server.requests == []
+    for name in XY_NAMES:
+        assert (dest / name).read_bytes() == (served.orig / name).read_bytes(), name
+
+
+def test_checksum_table_official_or_json(tmp_path):
+    assert download.load_checksums("official") is download.PCAM_MD5
+    table = tmp_path / "md5.json"
+    table.write_text('{"a.h5.gz": "0123456789abcdef0123456789abcdef"}')
+    assert download.load_checksums(str(table)) == {"a.h5.gz": "0123456789abcdef0123456789abcdef"}
+    table.write_text('{"a.h5.gz": "not an md5"}')
+    with pytest.raises(PcamError, match="md5.json: md5 table must map"):
+        download.load_checksums(str(table))
+    with pytest.raises(PcamError, match="absent.json: cannot read the md5 table"):
+        download.load_checksums(str(tmp_path / "absent.json"))

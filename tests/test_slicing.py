@@ -50,6 +50,10 @@ def test_define_slices_uses_meta_for_hard_negatives_and_slides():
     assert np.nonzero(s["hard_negative"])[0].tolist() == [1]
     assert s["slide:a"].sum() == 4 and s["slide:b"].sum() == 4
     assert s["dark"][0] and not s["dark"][-1]
+    # without the (optional) meta CSV: the same pixel slices, none of those that need it
+    without = define_slices(feats, None, P)
+    assert set(without) == {k for k in s if k != "hard_negative" and not k.startswith("slide:")}
+    assert all((without[k] == s[k]).all() for k in without)
 
 
 def test_score_slice_reports_gap_and_refuses_too_small_or_one_class():

@@ -211,14 +211,27 @@ def test_meta_wrong_row_count(tiny_raw):
     fails(tiny_raw, "split_valid_meta.csv", "has 15 rows, expected 16")
 
 
-def test_meta_missing(tiny_raw):
+def test_meta_missing_skips_what_needs_it(tiny_raw):
+    # torchvision's and TFDS's PCAM copies have no meta CSVs: optional, and said so.
+    with_meta = check(tiny_raw).report
     mpath(tiny_raw).unlink()
-    fails(tiny_raw, "split_valid_meta.csv", "not found")
+    report = check(tiny_raw).report
+    valid = report["splits"]["valid"]
+    why = "camelyonpatch_level_2_split_valid_meta.csv absent (the meta CSVs are optional)"
+    assert valid["skipped"] == {"meta_label_mismatches": why, "slides": why}
+    assert "slides" not in valid and "meta_label_mismatches" not in valid
+    assert report["slides_shared"] == {"train_test": []}
+    assert report["skipped"] == {"slides_shared": "no meta CSV for valid: slides unknown there"}
+    # everything else is as with the CSV
+    assert "skipped" not in with_meta and "skipped" not in report["splits"]["train"]
+    for key in ("flagged", "excluded", "duplicates", "label_association"):
+        assert valid[key] == with_meta["splits"]["valid"][key], key
+    assert report["leakage"] == with_meta["leakage"]
 
 
 def test_every_split_is_checked_before_any_is_read_in_full(tiny_raw, monkeypatch):
     # A broken test CSV must not be found after minutes spent reading train's pixels.
-    mpath(tiny_raw, "test").unlink()
+    mpath(tiny_raw, "test").write_text("a,b\n")
     read = []
     real = h5io.read_rows
     monkeypatch.setattr(

@@ -6,8 +6,10 @@ The `prepare` stage calls this when `data.source` is `pcam`:
 
 Zenodo serves x and y as gzip-compressed HDF5 (`*.h5.gz`) and the meta CSVs plain. Every file is
 first downloaded into a cache directory, resuming a partial file with an HTTP Range request, and
-verified there (md5; the CSVs are also parsed). Only when all nine are verified are they unpacked
-into `dest_dir`, each into a temporary that must open as HDF5 with the right dataset, and renamed
+verified there (md5; the CSVs are also parsed). The meta CSVs are optional: a source that does not
+have them (HTTP 404, or a missing file behind a file:// URL, e.g. a torchvision copy of PCAM, which
+holds only the six x/y files) is used without them, and later stages skip what needs them. Only
+when every file is verified are they unpacked into `dest_dir`, each into a temporary that must open as HDF5 with the right dataset, and renamed
 into place together at the end. So an interrupted or corrupt download leaves nothing in `dest_dir`
 that looks valid, and the files already there survive a failed run. Verified downloads stay in the
 cache, so running again does not download them again.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import http.client
+import json
 import re
 import shutil
 import time
@@ -69,7 +72,8 @@ def download_pcam(
     retries: int = 3,
     progress: bool = True,
 ) -> list[Path]:
-    """Download, verify and unpack the PCAM files into `dest_dir`; return the nine final paths.
+    """Download, verify and unpack the PCAM files into `dest_dir`; return the final paths (nine,
+    or six when the source has no meta CSVs).
 
     The URL of a file is `base_url + "/" + name`. `md5` maps a remote file name to its md5 (files
     without an entry are not hashed); None means PCAM_MD5, looked up at call time so that tests
@@ -90,15 +94,23 @@ def download_pcam(
         plan.append((meta_name(split), meta_name(split), None))
 
     # All network work and checksums first: a failure here has not touched dest_dir at all.
-    cached = []
-    for _, remote, dataset in plan:
+    cached, absent = [], []
+    for final, remote, dataset in plan:
         url = f"{base_url.rstrip('/')}/{remote}"
-        path = _fetch_verified(
-            url, cache_dir / remote, md5.get(remote), timeout_s, retries, progress
-        )
+        try:
+            path = _fetch_verified(
+                url, cache_dir / remote, md5.get(remote), timeout_s, retries, progress
+            )
+        except _NotFound as err:
+            if dataset is not None:
+                raise
+            print(f"download: {err}; continuing without it (the meta CSVs are optional)")
+            absent.append(final)
+            continue
         if dataset is None:
             _check_meta(path)
         cached.append(path)
+    plan = [entry for entry in plan if entry[0] not in absent]
 
     # Unpack into temporaries next to the targets; ExitStack renames them all only if every one
     # unpacked and checked, and removes them all otherwise, so dest_dir is never half-updated.
@@ -109,7 +121,31 @@ def download_pcam(
                 shutil.copyfile(src, tmp)
             else:
                 _gunzip_checked(src, tmp, dataset)
+    for final in absent:  # a CSV of an earlier download would not describe these patches
+        (dest_dir / final).unlink(missing_ok=True)
     return [dest_dir / final for final, _, _ in plan]
+
+
+def load_checksums(spec: str) -> Mapping[str, str]:
+    """`official`: the table above. Otherwise a JSON file mapping remote file name to md5, for a
+    mirror that repacked the files (and for tests, which serve small PCAM-format files)."""
+    if spec == "official":
+        return PCAM_MD5
+    path = Path(spec)
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise PcamError(f"{path}: cannot read the md5 table (data.pcam.checksums): {err}") from None
+    if not isinstance(table, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-fA-F]{32}", v)
+        for k, v in table.items()
+    ):
+        raise PcamError(f"{path}: md5 table must map file names to 32-hex-digit md5 strings")
+    return table
+
+
+class _NotFound(PcamError):
+    """The source has no such file (HTTP 404/410, or a file:// path that does not exist)."""
 
 
 def _fetch_verified(
@@ -151,10 +187,14 @@ def _download(url: str, part: Path, timeout_s: float, retries: int, progress: bo
                 # remote file): start over rather than give up.
                 part.unlink()
                 continue
+            if err.code in (404, 410):
+                raise _NotFound(f"{url}: HTTP {err.code} {err.reason}") from None
             if not (err.code >= 500 or err.code in (408, 429)):
                 raise PcamError(f"{url}: HTTP {err.code} {err.reason}") from None
             reason = f"HTTP {err.code} {err.reason}"
         except urllib.error.URLError as err:
+            if isinstance(err.reason, FileNotFoundError):  # file:// URL (urllib's FileHandler)
+                raise _NotFound(f"{url}: no such file") from None
             reason = str(err.reason)
         except (OSError, http.client.HTTPException) as err:
             reason = str(err) or type(err).__name__

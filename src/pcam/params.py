@@ -67,7 +67,10 @@ class SyntheticParams:
 
 @dataclass(frozen=True)
 class PcamSourceParams:
-    base_url: str
+    base_url: str  # http(s):// (Zenodo, a mirror) or file:// (a local copy, e.g. torchvision's)
+    # "official": the md5 table in download.py; else a JSON file {file name: md5} for a mirror
+    # that repacked the files. Only accepts or refuses files, never changes them.
+    checksums: str
     timeout_s: float = _range(0.0, lo_open=True)
     retries: int = _range(0)
 
@@ -159,6 +162,9 @@ class TrainParams:
     grad_clip_norm: float = _range(0.0)  # 0 = off
     early_stopping_patience: int = _range(0)  # epochs without val ROC-AUC gain; 0 = off
     sampler: Literal["shuffle", "weighted"]
+    # Leave the train patches validate-data excluded (validate.exclude) out of training and of
+    # the normalisation statistics. false: train on every patch, as published PCAM results do.
+    use_exclusions: bool
     augment: AugmentParams
     device: Literal["auto", "cpu", "cuda"]
     # Processes for DistributedDataParallel (nccl on GPU, gloo on CPU); 1 = a single process.
@@ -212,6 +218,22 @@ class BenchmarkParams:
 
 
 @dataclass(frozen=True)
+class DriftParams:
+    # Train patches (evenly spaced, after exclusions) whose colour/stain features compute-stats
+    # keeps in data/drift_reference.json: what `python -m pcam.drift` compares new patches with.
+    reference_patches: int = _range(100)
+    bins: int = _range(2, 100)  # PSI bins: quantiles of the reference
+    # Flag a colour/stain feature whose mean on the new patches lies more than this many
+    # training standard deviations from the training mean.
+    feature_shift_max: float = _range(0.0, lo_open=True)
+    # Flag the model's probabilities on the new patches (against valid's) above these population
+    # stability index / KS statistic. PSI convention: < 0.1 stable, 0.1-0.25 moderate, > 0.25 major.
+    prediction_psi_max: float = _range(0.0, lo_open=True)
+    prediction_ks_max: float = _range(0.0, 1.0, lo_open=True)
+    min_patches: int = _range(1)  # fewer new patches: refused (the statistics would be noise)
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     validate: ValidateParams
@@ -220,6 +242,7 @@ class Params:
     evaluate: EvaluateParams
     slice: SliceParams
     benchmark: BenchmarkParams
+    drift: DriftParams
 
 
 THRESHOLD_RULES = ("f2", "f1", "youden")
@@ -235,8 +258,14 @@ def _check_threshold(value: str | float) -> str | None:
     return f"must be one of {', '.join(THRESHOLD_RULES)}, sensitivity@<0..1> or a number in [0, 1]"
 
 
+def _check_checksums(value: str) -> str | None:
+    if value == "official" or value.endswith(".json"):
+        return None
+    return "must be 'official' or the path of a .json file {file name: md5}"
+
+
 # Extra checks that do not fit a type + range, by dotted key.
-_CUSTOM_CHECKS = {"evaluate.threshold": _check_threshold}
+_CUSTOM_CHECKS = {"evaluate.threshold": _check_threshold, "data.pcam.checksums": _check_checksums}
 
 
 def _check_positive_fraction_range(v: ValidateParams) -> str | None:

@@ -44,10 +44,15 @@ def extreme_fraction(values: np.ndarray, fraction: float, highest: bool) -> np.n
     return mask
 
 
+# Slices that need the (optional) meta CSV: tumour outside the centre, and the slide ids.
+META_SLICES = ("hard_negative", "slide:*")
+
+
 def define_slices(
-    features: dict[str, np.ndarray], meta: h5io.Meta, p: SliceParams
+    features: dict[str, np.ndarray], meta: h5io.Meta | None, p: SliceParams
 ) -> dict[str, np.ndarray]:
-    """Named boolean masks over the test patches (in prediction order)."""
+    """Named boolean masks over the test patches (in prediction order); without `meta`, only
+    those defined by the pixels (META_SLICES are left out)."""
     slices = {
         "dark": extreme_fraction(features["intensity"], p.dark_fraction, highest=False),
         "bright": extreme_fraction(features["intensity"], p.bright_fraction, highest=True),
@@ -56,9 +61,11 @@ def define_slices(
             features["saturation"], p.high_saturation_fraction, highest=True
         ),
         "mostly_background": features["tissue"] < p.max_tissue_fraction,
-        # Tumour in the patch but not in the centre: negatives that look positive.
-        "hard_negative": meta.tumor_patch & ~meta.center_tumor_patch,
     }
+    if meta is None:
+        return slices
+    # Tumour in the patch but not in the centre: negatives that look positive.
+    slices["hard_negative"] = meta.tumor_patch & ~meta.center_tumor_patch
     for wsi in sorted(set(meta.wsi.tolist())):
         slices[f"slide:{wsi}"] = meta.wsi == wsi
     return slices

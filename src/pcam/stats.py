@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -11,14 +12,18 @@ from pcam.errors import PcamError
 
 
 def channel_stats(
-    x_path: str | os.PathLike, excluded: np.ndarray, chunk_rows: int
+    x_path: str | os.PathLike,
+    excluded: np.ndarray,
+    chunk_rows: int,
+    on_block: Callable[[int, np.ndarray], None] | None = None,
 ) -> dict[str, object]:
     """Mean and std per RGB channel on the 0..1 scale, over all rows not in `excluded`.
 
     Reads contiguous chunks of `chunk_rows` patches, so memory is bounded by one chunk whatever
     the split size, and the result matches numpy on the whole array. Float images (accepted by
     validate-data only when they hold integers 0..255) are cast to uint8 per chunk, reading
-    fewer rows at a time so a chunk stays the same number of bytes.
+    fewer rows at a time so a chunk stays the same number of bytes. `on_block(start, block)`
+    sees every uint8 block (excluded rows included) in the same pass, e.g. to sample features.
     """
     f, ds = h5io.open_dataset(x_path, "x")
     # Integer sums are exact (no float rounding however many patches), and fast on uint8 data;
@@ -30,6 +35,8 @@ def channel_stats(
     with f:
         for rows in h5io.iter_chunks(ds.shape[0], max(1, chunk_rows // ds.dtype.itemsize)):
             block = h5io.pixels_as_uint8(x_path, h5io.read_rows(ds, rows, x_path), rows.start)
+            if on_block is not None:
+                on_block(rows.start, block)
             drop = excluded[(excluded >= rows.start) & (excluded < rows.stop)] - rows.start
             if len(drop):
                 block = np.delete(block, drop, axis=0)

@@ -24,6 +24,7 @@ on a jittered lattice (one nucleus at most per lattice cell), which needs no per
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -106,16 +107,43 @@ def slide_ids_for(split: str, n_slides: int) -> list[str]:
     return [f"{split}_slide_{i:03d}" for i in range(n_slides)]
 
 
+@dataclass(frozen=True)
+class StainShift:
+    """Another lab's staining or another scanner, applied to every slide's stain after it is
+    drawn: the same seed gives the same tissue, only in other colours (for drift checks)."""
+
+    # Per RGB channel: multiplies a stain's optical density. Equal gains change how much stain
+    # (staining time, section thickness), unequal ones its hue (another dye lot or recipe).
+    haematoxylin_od_gain: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    eosin_od_gain: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    glass_rgb_gain: tuple[float, float, float] = (1.0, 1.0, 1.0)  # scanner white balance
+
+
+# Another lab, for drift demonstrations (tests/test_drift.py, scripts/drift_demo.py): more and
+# bluer haematoxylin, paler and more orange eosin, a yellowish scanner.
+ANOTHER_LAB = StainShift(
+    haematoxylin_od_gain=(1.5, 1.4, 1.2),
+    eosin_od_gain=(0.6, 0.7, 0.9),
+    glass_rgb_gain=(1.0, 0.95, 0.85),
+)
+
+
 def generate_split(
-    n: int, slide_ids: Sequence[str], seed: int, hard_negative_fraction: float
+    n: int,
+    slide_ids: Sequence[str],
+    seed: int,
+    hard_negative_fraction: float,
+    stain_shift: StainShift | None = None,
 ) -> SyntheticSplit:
     """n patches (n // 2 positives, shuffled) spread evenly over `slide_ids`.
 
     The RNG stream is derived from `seed` *and* the slide ids, so train/valid/test generated with
     the same seed are still different data (their slide ids differ). Same arguments give
-    byte-identical arrays.
+    byte-identical arrays. `stain_shift` changes colours only, not the random draws.
     """
-    split, _ = _generate(n, slide_ids, seed, hard_negative_fraction, keep_tumour_mask=False)
+    split, _ = _generate(
+        n, slide_ids, seed, hard_negative_fraction, keep_tumour_mask=False, stain_shift=stain_shift
+    )
     return split
 
 
@@ -125,6 +153,7 @@ def _generate(
     seed: int,
     hard_negative_fraction: float,
     keep_tumour_mask: bool,
+    stain_shift: StainShift | None = None,
 ) -> tuple[SyntheticSplit, np.ndarray | None]:
     """generate_split, optionally also returning the (n, 96, 96) bool mask of tumour pixels."""
     if n < 0:
@@ -143,6 +172,8 @@ def _generate(
         np.random.SeedSequence([seed, _PATCH_STREAM, *_ids_entropy(slide_ids)])
     )
     slides = _draw_slides(seed, slide_ids)
+    if stain_shift is not None:
+        slides = _shift_stain(slides, stain_shift)
 
     n_pos = n // 2
     y = np.zeros(n, dtype=np.uint8)
@@ -214,6 +245,17 @@ def _draw_slides(seed: int, slide_ids: Sequence[str]) -> _Slides:
         strength=np.array(strength, dtype=np.float32),
         glass_rgb=np.clip(np.array(glass, dtype=np.float32), 0.0, 255.0),
         eosin_level=np.array(eosin, dtype=np.float32),
+    )
+
+
+def _shift_stain(slides: _Slides, shift: StainShift) -> _Slides:
+    return dataclasses.replace(
+        slides,
+        h_od=slides.h_od * np.asarray(shift.haematoxylin_od_gain, np.float32),
+        e_od=slides.e_od * np.asarray(shift.eosin_od_gain, np.float32),
+        glass_rgb=np.clip(
+            slides.glass_rgb * np.asarray(shift.glass_rgb_gain, np.float32), 0.0, 255.0
+        ),
     )
 
 

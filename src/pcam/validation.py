@@ -6,6 +6,9 @@ HDF5, truncated or corrupt chunks, a missing x/y dataset, a wrong rank/shape/dty
 Label sanity per split (validate.label_checks: each an error or a warning): one class only, a
 positive fraction outside [min_positive_fraction, max_positive_fraction], labels that disagree
 with the meta CSV's center_tumor_patch beyond max_meta_label_mismatch_fraction.
+The meta CSVs are optional (torchvision's and tensorflow-datasets' PCAM copies have only the x/y
+files): without one, what needs it (per-slide balance, slides shared across splits, label/meta
+agreement) is skipped and the report says so under "skipped".
 Every split's cheap checks run before any split is read in full, so a broken test CSV is not
 found after minutes spent on train.
 
@@ -54,6 +57,8 @@ BLANK_REASONS = ("black", "white", "background", "uniform")
 # (earlier, later) split pairs; a shared patch is excluded from the earlier one.
 SPLIT_PAIRS = (("train", "valid"), ("train", "test"), ("valid", "test"))
 GALLERY_SIZE = 32
+# What a split's report holds only when its meta CSV exists (otherwise listed under "skipped").
+META_CHECKS = ("meta_label_mismatches", "slides")
 # Patches per pixel-check task: its (128, 96, 96) planes stay in CPU cache (5x faster than
 # working on a whole chunk at once), and tasks spread over validate.threads.
 _TASK_ROWS = 128
@@ -143,7 +148,7 @@ class _SplitFiles:
     y_path: Path
     y: np.ndarray
     meta_path: Path
-    meta: h5io.Meta
+    meta: h5io.Meta | None  # None: no meta CSV (optional)
     storage: dict[str, dict]
 
 
@@ -162,8 +167,8 @@ def _open_split(raw_dir: Path, split: str, allow_float: bool, allow_wide: bool) 
         raise PcamError(f"{split}: {xp.name} has {n} patches but {yp.name} has {len(y)} labels")
     if n == 0:
         raise PcamError(f"{xp}: split '{split}' is empty (no patches)")
-    meta = h5io.read_meta(mp)
-    if len(meta) != n:
+    meta = h5io.read_meta(mp) if mp.exists() else None
+    if meta is not None and len(meta) != n:
         raise PcamError(f"{mp}: meta CSV has {len(meta)} rows, expected {n} (one per patch)")
     return _SplitFiles(xp, yp, y, mp, meta, {xp.name: x_storage, yp.name: y_storage})
 
@@ -526,13 +531,27 @@ def validate(raw_dir: str | os.PathLike, p: ValidateParams) -> ValidationResult:
             "excluded_fraction": round(float(excluded.mean()), 6),
             "duplicates": duplicates[s],
             "label_association": {r: label_association(flags[s][r], y) for r in REASONS},
-            "meta_label_mismatches": int((sf.meta.center_tumor_patch != (y == 1)).sum()),
-            "slides": slide_balance(sf.meta, y),
         }
+        if sf.meta is None:
+            report["splits"][s]["skipped"] = {
+                k: f"{sf.meta_path.name} absent (the meta CSVs are optional)" for k in META_CHECKS
+            }
+        else:
+            report["splits"][s]["meta_label_mismatches"] = int(
+                (sf.meta.center_tumor_patch != (y == 1)).sum()
+            )
+            report["splits"][s]["slides"] = slide_balance(sf.meta, y)
     report["slides_shared"] = {
-        f"{a}_{b}": sorted(set(files[a].meta.wsi) & set(files[b].meta.wsi)) for a, b in SPLIT_PAIRS
+        f"{a}_{b}": sorted(set(files[a].meta.wsi) & set(files[b].meta.wsi))
+        for a, b in SPLIT_PAIRS
+        if files[a].meta is not None and files[b].meta is not None
     }
     report["warnings"] = warnings
+    without = [s for s in h5io.SPLITS if files[s].meta is None]
+    if without:
+        report["skipped"] = {
+            "slides_shared": f"no meta CSV for {', '.join(without)}: slides unknown there"
+        }
     _check_thresholds(report, p)
     galleries = _galleries(files, found, flags, copy_of)
     return ValidationResult(exclusions, report, galleries, warnings)
