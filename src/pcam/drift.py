@@ -105,10 +105,21 @@ def prediction_drift(valid: np.ndarray, new: np.ndarray, p: DriftParams) -> dict
 
 def read_patches(inputs: list[Path]) -> tuple[np.ndarray, list[str]]:
     """Every patch of NEW as one (n, 96, 96, 3) uint8 array, and the files they came from."""
-    from pcam.predict import expand_inputs, patches
+    from pcam import h5io
+    from pcam.predict import H5_SUFFIXES, expand_inputs, read_image
 
-    files = expand_inputs(inputs)
-    blocks = [x for _, _, x in patches(files, center_crop=False)]
+    files = expand_inputs(inputs, keep_going=False).files
+    blocks = []
+    for f in files:
+        if f.suffix.lower() in H5_SUFFIXES:
+            fh, ds = h5io.open_dataset(f, "x")
+            with fh:
+                h5io.check_x_dataset(f, ds)
+                blocks.append(
+                    h5io.pixels_as_uint8(f, h5io.read_rows(ds, slice(0, ds.shape[0]), f), 0)
+                )
+        else:
+            blocks.append(read_image(f, center_crop=False, convert_rgb=False)[None])
     return np.concatenate(blocks), [str(f) for f in files]
 
 
