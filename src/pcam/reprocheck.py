@@ -51,7 +51,10 @@ SECTIONS = ("deps", "params", "outs")  # within a stage: inputs first, then what
 
 def is_timing_output(path: str) -> bool:
     path = norm_path(path)
-    return any(path == t or (t.endswith("/") and path.startswith(t)) for t in TIMING_OUTPUTS)
+    # A directory entry ("dir/") covers the files under it and the directory as one output.
+    return any(
+        path == t.rstrip("/") or (t.endswith("/") and path.startswith(t)) for t in TIMING_OUTPUTS
+    )
 
 
 def lock_values(lock: dict[str, Any]) -> dict[tuple[str, str, str], Any]:
@@ -92,7 +95,9 @@ def compare(committed: dict[str, Any], new: dict[str, Any]) -> Comparison:
     """Every entry of the committed lock against the new one; entries only in one of them count
     as mismatches too. Mismatches come in pipeline order (stage, then deps, params, outs)."""
     old_values, new_values = lock_values(committed), lock_values(new)
-    order = {s: i for i, s in enumerate(pipeline_order(committed) + pipeline_order(new))}
+    order: dict[str, int] = {}
+    for stage in pipeline_order(committed) + pipeline_order(new):  # new stages last
+        order.setdefault(stage, len(order))
     keys = sorted(
         old_values.keys() | new_values.keys(),
         key=lambda k: (order[k[0]], SECTIONS.index(k[1]), k[2]),
