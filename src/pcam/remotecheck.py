@@ -3,10 +3,13 @@
 
     python -m pcam.remotecheck [--repo DIR] [--remote NAME]     # or: make remote-check [REMOTE=NAME]
 
-Works in a clone without data or cache (CI). It asks DVC itself: `dvc status --cloud --json`
-compares what dvc.lock (and any `.dvc` file) names with the remote, file by file inside directory
-outputs too, reading each directory's `.dir` listing from the local cache or else from the
-remote. A directory whose listing is in neither place is reported as one missing entry.
+Works in a clone without data or cache (CI). It asks DVC itself, file by file:
+`dvc data status --not-in-remote --granular --json -r NAME` compares what dvc.lock (and any `.dvc`
+file) names with the remote, inside directory outputs too, reading each directory's `.dir` listing
+from the local cache or else from the default remote. A directory whose listing is in neither
+place is reported as one entry, `data/raw/`. (Not `dvc status --cloud`: it leaves such a directory
+out of its answer with only a warning, and counts every file of a directory as present once the
+directory's `.dir` object is, DVC issue 8079.)
 
 Exit 0: `remote-check: every cached output in dvc.lock is in remote 'gcs'`. Exit 1: one line per
 missing file, `not in remote 'gcs': models/model.pt (in the local cache: dvc push)`, then a summary.
@@ -22,12 +25,11 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pcam.lockcheck import dvc_executable
 
-# `dvc status --cloud` states: "new" is in the local cache only, "missing" is nowhere here;
-# "deleted" means in the remote but not in the local cache (fine: the remote has it).
-NOT_IN_REMOTE = {"new": "in the local cache: dvc push", "missing": "not in the local cache either"}
+HINTS = {True: "in the local cache: dvc push", False: "not in the local cache either"}
 
 NO_DEFAULT_HINT = (
     "no default DVC remote: `dvc remote default --local gcs` where credentials are set up "
@@ -41,8 +43,8 @@ class RemoteCheckFailed(Exception):
 
 @dataclass(frozen=True)
 class Missing:
-    path: str
-    state: str  # a key of NOT_IN_REMOTE
+    path: str  # a file, or a directory (ending in "/") whose listing is nowhere to be found
+    in_cache: bool
 
 
 def _dvc(args: list[str], repo: Path) -> subprocess.CompletedProcess[str]:
@@ -69,21 +71,23 @@ def remote_name(repo: Path, remote: str | None) -> str:
     return name
 
 
-def not_in_remote(status: dict[str, str]) -> list[Missing]:
-    """The entries of `dvc status --cloud --json` that the remote lacks, sorted by path."""
-    return [
-        Missing(path, state) for path, state in sorted(status.items()) if state in NOT_IN_REMOTE
-    ]
+def not_in_remote(status: dict[str, Any]) -> list[Missing]:
+    """What the remote lacks, from `dvc data status --not-in-remote --json`, sorted by path."""
+    not_cached = set(status.get("not_in_cache") or [])
+    return [Missing(p, p not in not_cached) for p in sorted(status.get("not_in_remote") or [])]
 
 
-def cloud_status(repo: Path, remote: str) -> dict[str, str]:
-    proc = _dvc(["status", "--cloud", "--json", "--remote", remote], repo)
+def data_status(repo: Path, remote: str) -> dict[str, Any]:
+    args = ["data", "status", "--not-in-remote", "--granular", "--json", "--remote", remote]
+    proc = _dvc(args, repo)
     if proc.returncode != 0:
-        raise RemoteCheckFailed(f"`dvc status --cloud -r {remote}` failed: {_error_line(proc)}")
+        raise RemoteCheckFailed(f"`dvc data status -r {remote}` failed: {_error_line(proc)}")
     try:
         status = json.loads(proc.stdout or "{}")
     except json.JSONDecodeError as err:
-        raise RemoteCheckFailed(f"`dvc status --cloud --json` printed no JSON: {err}") from err
+        raise RemoteCheckFailed(f"`dvc data status --json` printed no JSON: {err}") from err
+    if not isinstance(status, dict):
+        raise RemoteCheckFailed(f"`dvc data status --json` printed a {type(status).__name__}")
     return status
 
 
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         remote = remote_name(args.repo, args.remote)
-        missing = not_in_remote(cloud_status(args.repo, remote))
+        missing = not_in_remote(data_status(args.repo, remote))
     except RemoteCheckFailed as err:
         print(f"remote-check: {err}", file=sys.stderr)
         return 2
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"remote-check: every cached output in dvc.lock is in remote '{remote}'")
         return 0
     for item in missing:
-        print(f"not in remote '{remote}': {item.path} ({NOT_IN_REMOTE[item.state]})")
+        print(f"not in remote '{remote}': {item.path} ({HINTS[item.in_cache]})")
     print(
         f"remote-check: {len(missing)} cached file(s) named in dvc.lock are not in remote "
         f"'{remote}': `dvc push` them from a workspace that has them"
