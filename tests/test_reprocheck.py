@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pcam.reprocheck import compare, describe, is_timing_output, lock_values
+from pcam.reprocheck import NEW_LOCK, compare, describe, is_timing_output, lock_values
 from tests.e2e import dvc, run
 
 LOCK = {
@@ -219,3 +220,8 @@ def test_cli_names_the_output_that_did_not_reproduce(project):
     # are restored.
     assert (project / "dvc.lock").read_text() == lock_before
     assert git_status(project) == ""
+    # The re-derived lock is kept, git-ignored, for a closer look.
+    kept = yaml.safe_load((project / NEW_LOCK).read_text())
+    committed = yaml.safe_load(lock_before)
+    assert kept["stages"]["prep"]["outs"] != committed["stages"]["prep"]["outs"]
+    assert kept["stages"]["prep"]["deps"] == committed["stages"]["prep"]["deps"]

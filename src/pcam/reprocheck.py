@@ -12,7 +12,8 @@ Exit 0: `repro-check: all N hashes reproduced`. Exit 1: one line naming the firs
 order) and file that differ, both hashes, and how many differ in all. Exit 2: `dvc repro` failed.
 
 The saved dvc.lock and every output that git tracks (metrics, plots, dvclive) are put back
-afterwards, so `git status` is what it was. Cached outputs (data, model, predictions) stay as
+afterwards, so `git status` is what it was; the new dvc.lock is kept in NEW_LOCK (git-ignored) for
+a closer look: `diff dvc.lock .dvc/tmp/repro-check/dvc.lock`. Cached outputs (data, model, predictions) stay as
 re-derived: on a mismatch, `dvc checkout` brings back the saved lock's versions if they are in the
 cache.
 """
@@ -47,6 +48,7 @@ from pcam.lockcheck import (
 TIMING_OUTPUTS = ("metrics/benchmark.json", "plots/benchmark/")
 
 SECTIONS = ("deps", "params", "outs")  # within a stage: inputs first, then what it made
+NEW_LOCK = Path(".dvc/tmp/repro-check/dvc.lock")  # relative to the repo root; git-ignored
 
 
 def is_timing_output(path: str) -> bool:
@@ -191,7 +193,10 @@ def reproduce(repo: Path) -> tuple[dict[str, Any], dict[str, Any]] | int:
             proc = subprocess.run([dvc, "repro", "--force"], cwd=repo, env=env, check=False)
             if proc.returncode != 0:
                 return proc.returncode
-            new = yaml.safe_load(lock_path.read_text()) or {}
+            new_text = lock_path.read_text()
+            new = yaml.safe_load(new_text) or {}
+            (repo / NEW_LOCK).parent.mkdir(parents=True, exist_ok=True)
+            (repo / NEW_LOCK).write_text(new_text)
         finally:
             _restore(repo, keep, Path(saved))
     return committed, new
