@@ -220,7 +220,8 @@ def test_remote_check_names_what_was_never_pushed(pushed_repo, gcs_endpoint, tmp
     )
     assert out.stdout.splitlines()[-1].startswith(f"remote-check: {len(missing)} cached file(s) ")
 
-    dvc(["push", "-r", "partial"], repo)
+    # --all-commits: what the commit names, whatever experiment the workspace holds now.
+    dvc(["push", "-r", "partial", "--all-commits"], repo)
     out = remote_check(clone, "REMOTE=partial")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "remote-check: every cached output in dvc.lock is in remote 'partial'" in out.stdout
