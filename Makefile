@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup repro test lock-check lint format clean-venv export bundle
+.PHONY: setup repro test lock-check repro-check remote-check lint format clean-venv export bundle
 
 # torch first, by exact pin: an unpinned torch (or a package pulling one) downloads GBs of CUDA
 # wheels. constraints.txt pins every transitive dependency to what dvc.lock was produced with.
@@ -33,6 +33,16 @@ test: setup
 
 lock-check: setup
 	$(PY) -m pcam.lockcheck
+
+# `dvc repro --force` from scratch, then every hash of the new dvc.lock against the saved one
+# (benchmark timings aside); the saved dvc.lock and git-tracked outputs are put back. CI runs it.
+repro-check: setup
+	$(PY) -m pcam.reprocheck
+
+# Every cached output in dvc.lock is in the DVC remote (the default one, or REMOTE=name).
+REMOTE ?=
+remote-check: setup
+	$(PY) -m pcam.remotecheck $(if $(REMOTE),--remote $(REMOTE))
 
 lint: setup
 	ruff check .

@@ -55,3 +55,20 @@ def test_changed_cmd_fails(clone):
     out = lockcheck(clone)
     assert out.returncode == 1
     assert "benchmark: command changed" in out.stdout
+
+
+def test_lock_contradicting_itself_fails_naming_both_stages(clone):
+    # As after `dvc repro -s prepare` with another data.synthetic.seed: prepare records a new
+    # data/raw, the stages that read it still record the old one.
+    path = clone / "dvc.lock"
+    lock = yaml.safe_load(path.read_text())
+    (out,) = lock["stages"]["prepare"]["outs"]
+    old, new = out["md5"], "0123456789abcdef0123456789abcdef.dir"
+    out["md5"] = new
+    path.write_text(yaml.safe_dump(lock, sort_keys=False))
+    out = lockcheck(clone)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert (
+        f"validate-data: dvc.lock contradicts itself: data/raw is {old} for validate-data "
+        f"(dependency) but {new} for prepare (output)"
+    ) in out.stdout.splitlines()

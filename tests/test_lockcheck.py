@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from pcam.lockcheck import STALE_HINT, Drift, absent_outputs, find_drift
+from pcam.lockcheck import (
+    STALE_HINT,
+    Contradiction,
+    Drift,
+    absent_outputs,
+    find_contradictions,
+    find_drift,
+    pipeline_order,
+)
 
 # dvc.lock of the tiny two-stage project below (hashes shortened: find_drift never reads them).
 LOCK = {
@@ -239,6 +247,95 @@ def test_unknown_states_are_reported_not_dropped():
     assert drift_lines(status) == ["train: changed checksum"]
 
 
+# --- find_contradictions: dvc.lock against itself ----------------------------------------------
+
+
+def with_out_md5(lock: dict, stage: str, path: str, md5: str) -> dict:
+    """A copy of `lock` in which `stage` recorded `md5` for its output `path` (as after
+    `dvc repro -s stage` with a changed param, the downstream stages not re-run)."""
+    stages = {name: dict(entry) for name, entry in lock["stages"].items()}
+    stages[stage]["outs"] = [
+        {**o, "md5": md5} if o["path"] == path else o for o in stages[stage]["outs"]
+    ]
+    return {**lock, "stages": stages}
+
+
+def test_consistent_lock_has_no_contradiction():
+    assert find_contradictions(LOCK) == []
+
+
+def test_output_rehashed_alone_contradicts_the_downstream_dependency():
+    lock = with_out_md5(LOCK, "prep", "data.txt", "9999")
+    found = find_contradictions(lock)
+    assert found == [Contradiction("prep", "train", "data.txt", "9999", "f561")]
+    assert str(found[0]) == (
+        "train: dvc.lock contradicts itself: data.txt is f561 for train (dependency) "
+        "but 9999 for prep (output)"
+    )
+
+
+# The project's shape: a directory output, and stages that depend on it or on files inside it.
+DIR_LOCK = {
+    "stages": {
+        "validate": {
+            "cmd": "v",
+            "deps": [{"path": "data/raw", "md5": "aaa.dir"}],
+            "outs": [{"path": "data/stats.json", "md5": "s1"}],
+        },
+        "stats": {
+            "cmd": "s",
+            "deps": [{"path": "data/raw/train_x.h5", "md5": "x1"}],
+            "outs": [{"path": "models/m.pt", "md5": "m1"}],
+        },
+        "report": {"cmd": "r", "deps": [{"path": "data", "md5": "ddd.dir"}], "outs": []},
+        "prepare": {"cmd": "p", "outs": [{"path": "data/raw", "md5": "aaa.dir"}]},
+    }
+}
+LISTINGS = {
+    "aaa.dir": {"train_x.h5": "x1", "train_y.h5": "y1"},
+    "ddd.dir": {"raw/train_x.h5": "x1", "raw/train_y.h5": "y1", "stats.json": "s1"},
+}
+
+
+def test_pipeline_order_puts_producers_first():
+    assert pipeline_order(DIR_LOCK) == ["prepare", "validate", "stats", "report"]
+    assert pipeline_order(LOCK) == ["prep", "train"]
+
+
+def test_directory_listings_agree():
+    assert find_contradictions(DIR_LOCK, LISTINGS.get) == []
+
+
+def test_directory_output_rehashed_contradicts_exact_path_without_any_listing():
+    lock = with_out_md5(DIR_LOCK, "prepare", "data/raw", "bbb.dir")
+    # No listing anywhere (a data-less clone): only the exact path can be judged.
+    assert [str(c) for c in find_contradictions(lock)] == [
+        "validate: dvc.lock contradicts itself: data/raw is aaa.dir for validate (dependency) "
+        "but bbb.dir for prepare (output)"
+    ]
+
+
+def test_file_inside_a_directory_output_is_compared_when_the_listing_is_cached():
+    lock = with_out_md5(DIR_LOCK, "prepare", "data/raw", "bbb.dir")
+    listings = {**LISTINGS, "bbb.dir": {"train_x.h5": "x2", "train_y.h5": "y1"}}
+    found = find_contradictions(lock, listings.get)
+    assert Contradiction("prepare", "stats", "data/raw/train_x.h5", "x2", "x1") in found
+    # Not comparable without the new listing: only the exact-path pair is reported.
+    assert [c.consumer for c in find_contradictions(lock, LISTINGS.get)] == ["validate"]
+
+
+def test_file_missing_from_the_directory_listing_is_a_contradiction():
+    listings = {**LISTINGS, "aaa.dir": {"train_y.h5": "y1"}}
+    found = find_contradictions(DIR_LOCK, listings.get)
+    assert Contradiction("prepare", "stats", "data/raw/train_x.h5", "absent", "x1") in found
+
+
+def test_directory_dependency_holding_a_file_output():
+    lock = with_out_md5(DIR_LOCK, "validate", "data/stats.json", "s2")
+    found = find_contradictions(lock, LISTINGS.get)
+    assert found == [Contradiction("validate", "report", "data/stats.json", "s2", "s1")]
+
+
 # --- the CLI on a real DVC repo, cloned without data -------------------------------------------
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -260,7 +357,12 @@ stages:
       - metrics.json:
           cache: false
 """
-PREP_PY = 'open("data.txt", "w").write("xyz\\n")\n'
+# data.txt depends on the param prep.n, so a param change shows in the hash.
+PREP_PY = (
+    "import yaml\n"
+    'n = yaml.safe_load(open("params.yaml"))["prep"]["n"]\n'
+    'open("data.txt", "w").write("xyz\\n" * n)\n'
+)
 TRAIN_PY = (
     'data = open("data.txt").read()\n'
     'open("model.txt", "w").write(data * 2)\n'
@@ -305,12 +407,8 @@ def lockcheck(repo: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture(scope="module")
-def fresh_clone(tmp_path_factory) -> Path:
-    """A clone of a reproduced and committed two-stage project: code, params, lock, no data."""
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed")
-    origin = tmp_path_factory.mktemp("origin")
+def make_project(origin: Path) -> None:
+    """The two-stage project, reproduced and committed in `origin`."""
     (origin / "params.yaml").write_text(PARAMS_YAML)
     (origin / "dvc.yaml").write_text(DVC_YAML)
     (origin / "prep.py").write_text(PREP_PY)
@@ -321,6 +419,15 @@ def fresh_clone(tmp_path_factory) -> Path:
     _run([_dvc(), "repro", "-q"], origin)
     _run(["git", "add", "-A"], origin)
     _run(["git", "commit", "-q", "-m", "pipeline"], origin)
+
+
+@pytest.fixture(scope="module")
+def fresh_clone(tmp_path_factory) -> Path:
+    """A clone of a reproduced and committed two-stage project: code, params, lock, no data."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    origin = tmp_path_factory.mktemp("origin")
+    make_project(origin)
     clone = tmp_path_factory.mktemp("clone") / "repo"
     _run(["git", "clone", "-q", str(origin), str(clone)], origin.parent)
     assert not (clone / "model.txt").exists() and (clone / "metrics.json").exists()
@@ -391,3 +498,23 @@ def test_cli_not_a_dvc_repo_exits_2(tmp_path):
     proc = lockcheck(tmp_path)
     assert proc.returncode == 2
     assert "not inside of a DVC repository" in proc.stderr
+
+
+@pytest.mark.e2e
+def test_cli_refuses_a_lock_that_contradicts_itself_in_a_data_less_clone(tmp_path):
+    # The issue's case: a param of the first stage changes, only that stage is re-run, commit.
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    make_project(origin)
+    edit(origin / "params.yaml", "n: 3", "n: 4")
+    _run([_dvc(), "repro", "-q", "-s", "prep"], origin)
+    _run(["git", "commit", "-q", "-am", "prep.n=4, only prep re-run"], origin)
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(origin), str(clone)], tmp_path)
+
+    proc = lockcheck(clone)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    line, hint = proc.stdout.splitlines()
+    assert line.startswith("train: dvc.lock contradicts itself: data.txt is ")
+    assert line.endswith(" for prep (output)")
+    assert hint == STALE_HINT

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.e2e import TINY, copy_repo, dvc, free_port, run, stop_process
+from tests.e2e import TINY, copy_repo, dvc, free_port, make_cmd, run, stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -84,11 +85,17 @@ def remote_objects(url: str) -> list[str]:
     return [item["name"] for item in listing.get("items", [])]
 
 
-def use_emulator(repo: Path, url: str) -> None:
-    """Point the repo's default remote at the emulator, in .dvc/config.local (never committed)."""
-    dvc(["remote", "add", "--local", "-d", "emu", f"gs://{BUCKET}/{PREFIX}"], repo)
-    dvc(["remote", "modify", "--local", "emu", "endpointurl", url], repo)
-    dvc(["remote", "modify", "--local", "emu", "allow_anonymous_login", "true"], repo)
+def use_emulator(
+    repo: Path, url: str, name: str = "emu", prefix: str = PREFIX, default: bool = True
+) -> None:
+    """Add a remote on the emulator (the default one unless told), in .dvc/config.local (never
+    committed)."""
+    dvc(
+        ["remote", "add", "--local", *(["-d"] if default else []), name, f"gs://{BUCKET}/{prefix}"],
+        repo,
+    )
+    dvc(["remote", "modify", "--local", name, "endpointurl", url], repo)
+    dvc(["remote", "modify", "--local", name, "allow_anonymous_login", "true"], repo)
 
 
 def cached_files(repo: Path) -> list[str]:
@@ -138,13 +145,19 @@ def fresh_clone(origin: Path, dest: Path, config_from: Path) -> Path:
     return dest
 
 
-def test_committed_config_has_a_default_gs_remote():
+def test_committed_config_names_the_gs_remote_without_making_it_the_default(tmp_path):
     # --project: only the committed .dvc/config, not a developer's config.local
     listed = dvc(["config", "--list", "--project"], REPO).stdout.splitlines()
     config = dict(line.split("=", 1) for line in listed if "=" in line)
-    default = config.get("core.remote")
-    assert default, config
-    assert config.get(f"remote.{default}.url", "").startswith("gs://"), config
+    assert config.get("remote.gcs.url", "").startswith("gs://"), config
+    # No default in git: a clone without credentials never reaches for the bucket (dvc checkout
+    # and dvc exp run would load missing .dir listings from it: minutes offline, tracebacks).
+    assert "core.remote" not in config, config
+    # One command where credentials are set up makes it the default for push/pull/exp push.
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(REPO), str(clone)], tmp_path)
+    dvc(["remote", "default", "--local", "gcs"], clone)
+    assert dvc(["remote", "default"], clone).stdout.strip() == "gcs"
 
 
 def test_pull_in_a_fresh_clone_restores_every_cached_file(pushed_repo, gcs_endpoint, tmp_path):
@@ -182,3 +195,57 @@ def test_experiment_push_pull_apply_restores_its_model(pushed_repo, gcs_endpoint
     dvc(["exp", "apply", "lr-remote"], clone)
     assert md5(clone / "models/model.pt") == exp_md5
     assert "lr: 0.01" in (clone / "params.yaml").read_text()
+
+
+def remote_check(repo: Path, *make_args: str) -> subprocess.CompletedProcess:
+    return run([*make_cmd(repo), "remote-check", *make_args], repo, check=False)
+
+
+def test_remote_check_names_what_was_never_pushed(pushed_repo, gcs_endpoint, tmp_path):
+    repo, origin = pushed_repo
+    # A second, empty place on the emulator that gets only prepare's outputs (data/raw).
+    use_emulator(repo, gcs_endpoint, name="partial", prefix="partial-cache", default=False)
+    dvc(["push", "-r", "partial", "prepare"], repo)
+    clone = fresh_clone(origin, tmp_path / "clone", repo)  # no data, no DVC cache
+
+    out = remote_check(clone, "REMOTE=partial")
+    assert out.returncode != 0, out.stdout + out.stderr
+    missing = [ln for ln in out.stdout.splitlines() if ln.startswith("not in remote 'partial': ")]
+    named = {ln.split(": ", 1)[1].split(" (")[0] for ln in missing}
+    assert {"models/model.pt", "data/stats.json", "models/threshold.json"} <= named, missing
+    # A directory output whose .dir listing is neither here nor on that remote: named as a whole.
+    assert "data/predictions/" in named, missing
+    assert not any(p.startswith(("data/raw", "metrics/", "plots/", "dvclive")) for p in named), (
+        missing
+    )
+    assert out.stdout.splitlines()[-1].startswith(f"remote-check: {len(missing)} cached file(s) ")
+
+    # --all-commits: what the commit names, whatever experiment the workspace holds now.
+    dvc(["push", "-r", "partial", "--all-commits"], repo)
+    out = remote_check(clone, "REMOTE=partial")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "remote-check: every cached output in dvc.lock is in remote 'partial'" in out.stdout
+    # The default remote (everything pushed by the fixture) passes too.
+    out = remote_check(clone)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "in remote 'emu'" in out.stdout
+
+    # One file of a directory output lost from the remote, its .dir listing still there: named
+    # by itself (`dvc status --cloud` would count it as present along with its directory).
+    digest = md5(repo / "data/predictions/test.npz")
+    name = f"partial-cache/files/md5/{digest[:2]}/{digest[2:]}"
+    _http("DELETE", f"{gcs_endpoint}/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(name, safe='')}")
+    out = remote_check(clone, "REMOTE=partial")
+    assert out.returncode != 0, out.stdout + out.stderr
+    assert [ln for ln in out.stdout.splitlines() if ln.startswith("not in remote")] == [
+        "not in remote 'partial': data/predictions/test.npz (not in the local cache either)"
+    ]
+
+
+def test_remote_check_without_a_default_remote_says_how_to_set_one(tmp_path):
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(REPO), str(clone)], tmp_path)
+    out = remote_check(clone)
+    assert out.returncode != 0
+    assert "remote-check: no default DVC remote: `dvc remote default --local gcs`" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -18,6 +18,14 @@ consequences: dependencies, params, outputs or stages *removed* from dvc.yaml bu
 are not reported (DVC ignores the leftover entries, and `dvc repro` would not touch them); and
 frozen stages are not checked (DVC neither reports nor re-runs them). Only the root dvc.lock is
 read, so stages of a nested dvc.yaml would be reported as not in dvc.lock; this project has none.
+
+It also refuses a dvc.lock that contradicts itself, which `dvc status` cannot see without data
+(DVC issue 5369): a stage re-run alone (`dvc repro -s prepare` after a param change) records a new
+hash for its output while a downstream stage still records the old one for the same path. Exact
+paths are always compared, also in a clone with no data or cache. When one path lies inside the
+other (a stage depends on `data/raw/x.h5` from the directory output `data/raw`), the per-file
+hashes are only in the directory's `.dir` listing in the DVC cache: such pairs are compared when
+that listing is in the local cache, and skipped otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import posixpath
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +75,7 @@ class Drift:
         return f"{line}: {self.detail}" if self.detail else line
 
 
-def _norm(path: str) -> str:
+def norm_path(path: str) -> str:
     # dvc status prints OS paths relative to the cwd; dvc.lock keeps dvc.yaml's spelling.
     return posixpath.normpath(path.replace("\\", "/"))
 
@@ -76,7 +85,7 @@ def _overlaps(a: str, b: str) -> bool:
 
 
 def _locked_paths(entry: dict[str, Any], key: str) -> set[str]:
-    return {_norm(item["path"]) for item in entry.get(key) or []}
+    return {norm_path(item["path"]) for item in entry.get(key) or []}
 
 
 def _status_outs(entries: list[Any]) -> dict[str, str]:
@@ -104,7 +113,7 @@ def find_drift(status: dict[str, Any], lock: dict[str, Any]) -> list[Drift]:
     # A deleted dependency is only absence when it is (inside) some stage's output: a clone has
     # upstream outputs missing. Outputs of `.dvc` files are not in dvc.lock, so take status's too.
     all_outs = {path for entry in locked.values() for path in _locked_paths(entry, "outs")}
-    all_outs |= {_norm(path) for entries in status.values() for path in _status_outs(entries)}
+    all_outs |= {norm_path(path) for entries in status.values() for path in _status_outs(entries)}
 
     drift: list[Drift] = []
     for stage, entries in status.items():
@@ -118,7 +127,9 @@ def find_drift(status: dict[str, Any], lock: dict[str, Any]) -> list[Drift]:
             drift.append(Drift(stage, STAGE_NOT_LOCKED))
             continue
         entry = locked[stage]
-        locked_deps = _locked_paths(entry, "deps") | {_norm(p) for p in entry.get("params") or {}}
+        locked_deps = _locked_paths(entry, "deps") | {
+            norm_path(p) for p in entry.get("params") or {}
+        }
         locked_outs = _locked_paths(entry, "outs")
         for item in entries:
             if isinstance(item, str):
@@ -146,12 +157,12 @@ def _dep_drift(
     if isinstance(state, dict):  # a params file: {"train.lr": "modified", ...}
         kinds = {"modified": PARAM_CHANGED, "new": PARAM_NOT_LOCKED, "deleted": PARAM_DELETED}
         return [Drift(stage, kinds.get(s, f"param {s}"), key) for key, s in state.items()]
-    if _norm(path) not in locked_deps:
+    if norm_path(path) not in locked_deps:
         # A dependency added to dvc.yaml has no recorded hash: status calls it "modified", or
         # "deleted" when it is an upstream output absent from this clone. Either way it is new.
         return [Drift(stage, DEP_NOT_LOCKED, path)]
     if state == "deleted":
-        if any(_overlaps(_norm(path), out) for out in all_outs):
+        if any(_overlaps(norm_path(path), out) for out in all_outs):
             return []
         return [Drift(stage, DEP_DELETED, path)]
     if state == "modified":
@@ -160,7 +171,7 @@ def _dep_drift(
 
 
 def _out_drift(stage: str, path: str, state: str, locked_outs: set[str]) -> list[Drift]:
-    if _norm(path) not in locked_outs:
+    if norm_path(path) not in locked_outs:
         # An output added to dvc.yaml: absent, it shows as "deleted" just like a recorded one.
         return [Drift(stage, OUT_NOT_LOCKED, path)]
     if state in ABSENT:
@@ -173,12 +184,148 @@ def _out_drift(stage: str, path: str, state: str, locked_outs: set[str]) -> list
 def absent_outputs(status: dict[str, Any]) -> list[str]:
     """Outputs that `dvc status` reports only as not here: what this check cannot verify."""
     paths = {
-        _norm(path)
+        norm_path(path)
         for entries in status.values()
         for path, state in _status_outs(entries).items()
         if state in ABSENT
     }
     return sorted(paths)
+
+
+# --- dvc.lock against itself ----------------------------------------------------------------------
+
+# A directory's per-file hashes: `.dir` md5 -> {relpath: md5}, or None when the listing is not here.
+DirListing = Callable[[str], "dict[str, str] | None"]
+
+
+def no_listings(_md5: str) -> dict[str, str] | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Contradiction:
+    """`consumer` recorded `dep_md5` for `path`; `producer`, which writes it, recorded `out_md5`."""
+
+    producer: str
+    consumer: str
+    path: str
+    out_md5: str
+    dep_md5: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.consumer}: dvc.lock contradicts itself: {self.path} is {self.dep_md5} for "
+            f"{self.consumer} (dependency) but {self.out_md5} for {self.producer} (output)"
+        )
+
+
+def pipeline_order(lock: dict[str, Any]) -> list[str]:
+    """The stages of dvc.lock, each after the stages whose outputs it depends on (ties: lock order)."""
+    stages = lock.get("stages") or {}
+    names = list(stages)
+    outs = {name: _locked_paths(stages[name], "outs") for name in names}
+    upstream = {
+        name: {
+            other
+            for other in names
+            if other != name
+            for dep in _locked_paths(stages[name], "deps")
+            for out in outs[other]
+            if _overlaps(dep, out)
+        }
+        for name in names
+    }
+    order: list[str] = []
+    while len(order) < len(names):
+        ready = [n for n in names if n not in order and upstream[n] <= set(order)]
+        # A cycle cannot be run by DVC; keep the rest in lock order rather than loop forever.
+        order.append(ready[0] if ready else next(n for n in names if n not in order))
+    return order
+
+
+def recorded_hash(item: dict[str, Any]) -> str | None:
+    return item.get("md5") or item.get("etag") or item.get("checksum")
+
+
+def _files(path: str, md5: str, listing: DirListing) -> dict[str, str] | None:
+    """Per-file hashes of one lock entry, or None for a directory whose listing is not here."""
+    if not md5.endswith(".dir"):
+        return {path: md5}
+    entries = listing(md5)
+    if entries is None:
+        return None
+    return {posixpath.join(path, rel): h for rel, h in entries.items()}
+
+
+def _within(files: dict[str, str], inner: str) -> dict[str, str]:
+    return {p: h for p, h in files.items() if p == inner or p.startswith(inner + "/")}
+
+
+def first_difference(
+    a: tuple[str, str], b: tuple[str, str], listing: DirListing
+) -> tuple[str, str, str] | None:
+    """Where two recorded (path, md5) entries for overlapping paths disagree: (path, md5 in a,
+    md5 in b), None when they agree or cannot be compared (a `.dir` listing is not here)."""
+    (path_a, md5_a), (path_b, md5_b) = a, b
+    if path_a == path_b and md5_a == md5_b:
+        return None
+    files_a, files_b = _files(path_a, md5_a, listing), _files(path_b, md5_b, listing)
+    if files_a is None or files_b is None:
+        # Unknown contents: only an equal path can still be judged (by the hash of the whole).
+        return (path_a, md5_a, md5_b) if path_a == path_b else None
+    # Compare the part both entries describe: the deeper of the two paths.
+    inner = max(path_a, path_b, key=len)
+    files_a, files_b = _within(files_a, inner), _within(files_b, inner)
+    for path in sorted(files_a.keys() | files_b.keys()):
+        if files_a.get(path) != files_b.get(path):
+            return path, files_a.get(path, "absent"), files_b.get(path, "absent")
+    return None
+
+
+def find_contradictions(
+    lock: dict[str, Any], listing: DirListing = no_listings
+) -> list[Contradiction]:
+    """Every path whose hash as an output of one stage differs from the hash another stage
+    recorded for it (or for a file inside it, or a directory holding it) as a dependency."""
+    stages = lock.get("stages") or {}
+    found: list[Contradiction] = []
+    order = pipeline_order(lock)
+    for producer in order:
+        for out in stages[producer].get("outs") or []:
+            out_entry = (norm_path(out["path"]), recorded_hash(out))
+            if out_entry[1] is None:
+                continue
+            for consumer in order:
+                if consumer == producer:
+                    continue
+                for dep in stages[consumer].get("deps") or []:
+                    dep_entry = (norm_path(dep["path"]), recorded_hash(dep))
+                    if dep_entry[1] is None or not _overlaps(out_entry[0], dep_entry[0]):
+                        continue
+                    diff = first_difference(out_entry, dep_entry, listing)
+                    if diff:
+                        found.append(Contradiction(producer, consumer, *diff))
+    return found
+
+
+def local_dir_listings(repo: Path) -> DirListing:
+    """Read `.dir` listings from the repo's local DVC cache (wherever config puts it)."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        odb = dvc_repo.cache.local
+
+    def listing(md5: str) -> dict[str, str] | None:
+        try:
+            entries = json.loads(Path(odb.oid_to_path(md5)).read_text())
+        except (OSError, ValueError):
+            return None
+        return {e["relpath"]: e["md5"] for e in entries if "relpath" in e and "md5" in e}
+
+    return listing
+
+
+# --- running dvc -----------------------------------------------------------------------------------
 
 
 def dvc_executable() -> str | None:
@@ -243,9 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     lock = read_lock(args.repo)
 
-    drift = find_drift(status, lock)
-    if drift:
-        for problem in drift:
+    problems: list[Drift | Contradiction] = [*find_drift(status, lock)]
+    problems += find_contradictions(lock, local_dir_listings(args.repo))
+    if problems:
+        for problem in problems:
             print(problem)
         print(STALE_HINT)
         return 1
