@@ -15,9 +15,9 @@ is imported (stage scripts import pcam first):
 - oneMKL: MKL_CBWR=COMPATIBLE, conditional numerical reproducibility on the one branch Intel
   documents as identical on Intel and non-Intel CPUs (fixed cache sizes, deterministic
   reductions, static scheduling). Other branches fall back to AUTO on AMD.
-- oneDNN: off for torch (`configure_torch`), so convolutions run ATen's im2col + oneMKL GEMM
-  under CBWR. oneDNN has no switch for its cache-size heuristics; its ISA is capped as well for
-  any path that still reaches it.
+- oneDNN and NNPACK: off for torch (`configure_torch`), so convolutions run ATen's im2col +
+  oneMKL GEMM under CBWR. Neither has a switch for its cache-size heuristics; oneDNN's ISA is
+  capped as well for any path that still reaches it.
 - numpy: baseline SIMD only (its AVX2/AVX-512 loops differ from each other, and from libm);
   OpenBLAS (numpy's BLAS): the Haswell kernel on one thread.
 - oneMKL VML: torch 2.13 bundles oneMKL 2024.2, whose VML resolves each function's kernel on
@@ -77,6 +77,9 @@ def configure_torch() -> None:
     import torch
 
     torch.backends.mkldnn.enabled = False
+    # With oneDNN off, ATen runs 3x3 convolutions through NNPACK where it can, whose tiling also
+    # follows the cache sizes; off too, so they run as im2col + oneMKL GEMM under CNR.
+    torch.backends.nnpack.set_flags(False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -99,6 +102,7 @@ def record() -> dict[str, object]:
         "pinned": pinned,
         "aten_capability": torch.backends.cpu.get_cpu_capability(),
         "mkldnn": bool(torch.backends.mkldnn.enabled),
+        "nnpack": bool(torch.backends.nnpack.enabled),
         "env": {k: os.environ.get(k) for k in ENV_PINS},
         **({"loaded_before_pins": list(_state["late"])} if _state["late"] else {}),
     }
