@@ -102,7 +102,7 @@ def record() -> dict[str, object]:
         "pinned": pinned,
         "aten_capability": torch.backends.cpu.get_cpu_capability(),
         "mkldnn": bool(torch.backends.mkldnn.enabled),
-        "nnpack": bool(torch.backends.nnpack.enabled),
+        "nnpack": bool(torch._C._get_nnpack_enabled()),
         "env": {k: os.environ.get(k) for k in ENV_PINS},
         **({"loaded_before_pins": list(_state["late"])} if _state["late"] else {}),
     }
