@@ -1,5 +1,8 @@
 """train stage: train the model chosen by train.model -> models/model.pt, metrics/train.json, dvclive/.
 
+metrics/train.json is the headline (epochs run, the best epoch and its validation metrics);
+metrics/details/train.json adds the last epoch's figures, the train size and provenance.
+
 Run by DVC (`dvc repro train`, `dvc exp run -S train.lr=1e-4`). On SIGTERM/SIGUSR1 (SLURM's
 warning before a time limit) it saves a checkpoint and exits 75; run again with
 PCAM_RESUME=1 (or train.resume: true) to continue where it stopped, with identical results.
@@ -36,6 +39,7 @@ EXCLUSIONS = Path("data/validated/exclusions.json")
 STATS = Path("data/stats.json")
 MODEL = Path("models/model.pt")
 METRICS = Path("metrics/train.json")
+DETAILS = Path("metrics/details/train.json")
 LIVE_DIR = Path("dvclive")
 
 
@@ -77,8 +81,15 @@ def run_rank(rank: int, world: int) -> None:
             dist.destroy_process_group()
     if rank == 0:
         last = prog.history[-1]
+        # best_epoch is 0 when no epoch had a valid ROC-AUC (e.g. one class in valid)
+        best = prog.history[prog.best_epoch - 1] if prog.best_epoch else {}
         write_json(
             METRICS,
+            {"epochs_run": prog.epoch, "best_epoch": prog.best_epoch}
+            | {f"best_{k}": best[k] for k in ("val_roc_auc", "val_f2", "val_loss") if best},
+        )
+        write_json(
+            DETAILS,
             {
                 "epochs_run": prog.epoch,
                 "stopped_early": prog.stopped_early,

@@ -6,6 +6,7 @@ pytest tests/test_report.py                 # + 2 lr x 2 seeds through `make swe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -57,23 +58,27 @@ def sample() -> list[dict]:
 def test_runs_leave_out_workspace_running_and_failed():
     runs, notes = report.runs_from_exp_show(sample())
     names = [r.name for r in runs]
-    assert names[0] == "main"  # the baseline commit is a run
+    assert names[0] == "main"  # the baseline commit is a run, marked as such
+    assert [r.baseline for r in runs] == [True, False, False, False, False]
     assert len(names) == 5 and "workspace" not in names, names
     # A running experiment already shows metrics (its parent's, in SAMPLE): only the state tells.
     assert "waiting" not in names and "bad-chunk" not in names
     assert notes == ["experiment waiting: running", "experiment bad-chunk: failed"]
 
 
+def experiments() -> list[report.Run]:
+    return [r for r in report.runs_from_exp_show(sample())[0] if not r.baseline]
+
+
 def test_identical_params_are_one_sample():
-    runs, _ = report.runs_from_exp_show(sample())
-    kept, notes = report.dedupe(runs)
-    # the experiment with the baseline's lr and seed repeats the baseline
-    assert len(kept) == 4
-    assert len(notes) == 1 and "same params as main" in notes[0]
+    runs = experiments()
+    kept, notes = report.dedupe([*runs, dataclasses.replace(runs[0], name="again")])
+    assert kept == runs
+    assert notes == [f"again: same params as {runs[0].name}, counted once"]
 
 
 def test_configurations_are_every_param_but_the_seed():
-    runs, _ = report.dedupe(report.runs_from_exp_show(sample())[0])
+    runs, _ = report.dedupe(experiments())
     configs = report.group_configs(runs)
     assert report.varying_params(configs) == ["train.lr"]
     by_lr = {c.params["train.lr"]: c for c in configs}
@@ -202,6 +207,31 @@ def test_cli_prints_table_champion_and_writes_plot(tmp_path, capsys):
     assert "**0.02**" in row and "0.6611 ± 0.0542" in row
     assert "Champion by highest mean valid.roc_auc over seeds: **train.lr=0.02**" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the baseline commit (lr 0.002, seed 0: valid.roc_auc 0.7080) apart, under the grid
+    assert "| main | 0.002 | 0 | 0.7080 |" in out.split("### Baseline")[1]
+
+
+def test_champion_comes_from_the_grid_never_the_baseline(tmp_path, capsys):
+    # The bug this guards against: a baseline with params outside the grid (lr 0.001, one run)
+    # and the best valid.roc_auc was named champion over the grid's means.
+    doc = sample()
+    baseline = doc[1]["data"]
+    baseline["params"]["params.yaml"]["data"]["train"]["lr"] = 0.001
+    baseline["metrics"]["metrics/eval.json"]["data"]["valid"]["roc_auc"] = 0.95
+    saved = tmp_path / "exp_show.json"
+    saved.write_text(json.dumps(doc))
+    report.main(["experiments", "--input", str(saved), "--metric", "valid.roc_auc"])
+    out = capsys.readouterr().out
+    table, baseline_part = out.split("### Baseline")
+    assert "## Experiments: 2 configuration(s), 4 run(s)" in table
+    # lr 0.02: 0.6995, 0.6228; lr 0.002: 0.7080, 0.5803 (the experiments, not the baseline)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "train.lr" not in line]
+    assert rows == [
+        "| **0.02** (champion) | 0, 1 | 2 | 0.6611 ± 0.0542 |",
+        "| 0.002 | 0, 1 | 2 | 0.6442 ± 0.0903 |",
+    ]
+    assert "0.001" not in table and "0.9500" not in table
+    assert "| main | 0.001 | 0 | 0.9500 |" in baseline_part
 
 
 def test_changes_names_an_unknown_base(tmp_path, capsys):

@@ -507,7 +507,12 @@ def stage_dir(tmp_path: Path) -> Path:
     for i, split in enumerate(h5io.SPLITS):
         write_tiny_split(tmp_path / "data" / "raw", split, n=16, seed=i)
     # Outputs of an earlier, successful run: a failing run must leave them as they are.
-    for rel in ("data/validated/exclusions.json", "metrics/data.json", "plots/data/black.png"):
+    for rel in (
+        "data/validated/exclusions.json",
+        "metrics/data.json",
+        "metrics/details/data.json",
+        "plots/data/black.png",
+    ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(f"earlier {rel}")
     return tmp_path
@@ -523,7 +528,12 @@ def assert_failed_cleanly(proc: subprocess.CompletedProcess, cwd: Path, *needles
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     for needle in needles:
         assert needle in lines[0]
-    for rel in ("data/validated/exclusions.json", "metrics/data.json", "plots/data/black.png"):
+    for rel in (
+        "data/validated/exclusions.json",
+        "metrics/data.json",
+        "metrics/details/data.json",
+        "plots/data/black.png",
+    ):
         assert (cwd / rel).read_text() == f"earlier {rel}"
     assert sorted(p.name for p in (cwd / "plots" / "data").iterdir()) == ["black.png"]
     assert not list(cwd.rglob("*.tmp"))
@@ -576,7 +586,14 @@ def test_stage_writes_exclusions_report_and_one_gallery_per_reason(stage_dir, mo
             {"index": 5, "reason": "duplicate", "reasons": ["duplicate"], "copy_of": "train:2"}
         ],
     }
-    report = json.loads((stage_dir / "metrics/data.json").read_text())
+    # the headline, what `dvc metrics diff` compares; the full report next to it
+    assert json.loads((stage_dir / "metrics/data.json").read_text()) == {
+        "train": {"n": 16, "excluded": 1},
+        "valid": {"n": 16, "excluded": 0},
+        "test": {"n": 16, "excluded": 0},
+        "leaked_patches": 0,
+    }
+    report = json.loads((stage_dir / "metrics/details/data.json").read_text())
     assert report["splits"]["train"]["flagged"]["duplicate"] == 1
     assert (
         report["splits"]["test"]["storage"]["camelyonpatch_level_2_split_test_x.h5"]["compression"]
