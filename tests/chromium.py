@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+# A plot whose canvas has fewer coloured pixels than this drew its legend at most, no marks.
+MIN_MARK_PIXELS = 300
 
 HARNESS = """<!DOCTYPE html>
 <html><body>
@@ -98,3 +100,10 @@ def drawn_plots(page: Path, timeout_s: float = 180) -> list[dict]:
         f"the harness never reported (exit {proc.returncode}): {proc.stderr[-2000:]}"
     )
     return json.loads(html.unescape(found.group(1)))
+
+
+def undrawn_plots(page: Path) -> list[dict]:
+    """The plots of `page` that Chromium drew no marks for (all of them if it drew none)."""
+    drawn = drawn_plots(page)
+    assert drawn, f"{page}: no plots"
+    return [p for p in drawn if p["coloured"] < MIN_MARK_PIXELS]

@@ -20,12 +20,9 @@ import pytest
 
 from pcam import offline_plots
 from pcam.errors import PcamError
-from tests.chromium import drawn_plots
+from tests.chromium import MIN_MARK_PIXELS, drawn_plots
 from tests.conftest import REPO
 from tests.e2e import copy_repo, dvc
-
-# A plot whose canvas has fewer coloured pixels than this drew its legend at most, no marks.
-MIN_MARK_PIXELS = 300
 
 REMOTE_REF = re.compile(
     r"<(script|link|img|iframe)\b[^>]*\b(src|href)\s*=\s*[\"']?\s*(https?:)?//", re.I

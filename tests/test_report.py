@@ -17,6 +17,7 @@ import yaml
 
 from pcam import report
 from pcam.errors import PcamError
+from tests.chromium import undrawn_plots
 from tests.conftest import REPO
 from tests.e2e import TINY, copy_repo, dvc, make_cmd, run
 
@@ -270,7 +271,8 @@ def swept(tmp_path_factory):
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", "baseline"], repo)
     base_lr = yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"]
-    # The baseline is one cell of the grid: one run less to train. Floats as DVC will write them.
+    # The grid holds the baseline's params too (that experiment's stages are up to date: cheap);
+    # the report still shows the baseline commit apart. Floats as DVC will write them.
     lrs = [float(f"{lr:g}") for lr in (base_lr, base_lr * 10)]
     grid = [f"SWEEP_LRS={lrs[0]:g},{lrs[1]:g}", "SWEEP_SEEDS=0,1", "SWEEP_TARGETS=evaluate"]
     make_in(repo, "sweep", *grid)
@@ -329,7 +331,8 @@ def test_sweep_report_means_over_seeds_and_champion(swept, tmp_path):
         assert f"{means[lr]:.4f} ± {spread:.4f}" in text, (lr, text)
     best = max(lrs, key=lambda lr: means[lr])
     assert f"**train.lr={best:g}**" in text, text
-    assert "2 configuration(s), 4 run(s)" in text, text  # the baseline repeat counted once
+    assert "2 configuration(s), 4 run(s)" in text, text  # the grid; the baseline apart
+    assert "| main |" in text.split("### Baseline")[1].split("Left out")[0], text
     assert ": failed" in text.split("Left out or merged:")[1], text
     assert (tmp_path / "experiments.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -351,3 +354,6 @@ def test_changes_report_against_the_base_branch(swept, tmp_path):
     assert page == (tmp_path / "plots" / "index.html").resolve() and page.is_file()
     html = page.read_text()
     assert "vegaEmbed" in html and '"main"' in html and '"workspace"' in html
+    # the committed offline template is the default: every plot draws with no network
+    assert "cdn.jsdelivr.net" not in html
+    assert undrawn_plots(page) == []

@@ -69,7 +69,7 @@ class Gallery:
 @dataclass(frozen=True)
 class ValidationResult:
     exclusions: dict  # data/validated/exclusions.json
-    report: dict  # metrics/data.json
+    report: dict  # metrics/details/data.json (the headline counts: metrics/data.json)
     galleries: dict[str, Gallery]  # one per reason, possibly empty
 
 
