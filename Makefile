@@ -67,7 +67,7 @@ export: setup
 bundle: export
 	$(PY) -m pcam.bundle $(BUNDLE_ARGS)
 
-# --- Experiment sweeps, reports for pull requests, plots that work offline --------------------
+# --- Experiment sweeps, reports for pull requests, the offline plots page ---------------------
 # A grid over lr and seed (every combination):   make sweep sweep-run sweep-report
 # Override the grid or parallelism:               make sweep SWEEP_LRS=1e-3,1e-4 SWEEP_SEEDS=0,1,2,3
 # SWEEP_TARGETS=evaluate stops each experiment after `evaluate` (skips slice and benchmark).
@@ -78,11 +78,8 @@ SWEEP_TARGETS ?=
 SWEEP_JOBS ?= 1
 REPORTS ?= reports
 BASE ?= main
-OFFLINE_PLOTS ?= .cache/offline-plots
-# Revisions for plots-offline; empty: the workspace against HEAD. E.g. PLOTS_REVS="main my-branch"
-PLOTS_REVS ?=
 
-.PHONY: sweep sweep-run sweep-report changes-report plots-offline model-card
+.PHONY: sweep sweep-run sweep-report changes-report plots-template model-card
 
 sweep: setup
 	dvc exp run --queue $(SWEEP_GRID) $(SWEEP_TARGETS)
@@ -106,12 +103,10 @@ sweep-report: setup
 changes-report: setup
 	$(PY) -m pcam.report changes --base $(BASE) --out $(REPORTS)/changes.md --plots-dir $(REPORTS)/plots
 
-# `dvc plots diff` with Vega inlined (no CDN): readable on air-gapped nodes. Needs npm once.
-# mkdir: dvc creates only the last level of the -o path.
-plots-offline: setup
-	$(PY) -m pcam.offline_plots --dir $(OFFLINE_PLOTS)
-	mkdir -p $(REPORTS)
-	dvc plots diff $(PLOTS_REVS) --html-template $(OFFLINE_PLOTS)/template.html -o $(REPORTS)/plots-offline
+# Rebuilds the committed `dvc plots` page template with Vega inlined (vendor/dvc-plots-offline.html,
+# the default through .dvc/config), e.g. after changing the pinned versions. Needs npm once.
+plots-template: setup
+	$(PY) -m pcam.offline_plots
 
 # The model card (Markdown, figures linked) from the pipeline's outputs: run after `dvc repro`.
 model-card: setup

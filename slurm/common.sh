@@ -357,9 +357,9 @@ pcam_experiment() {
 	pcam_done
 }
 
-# pcam_benchmark [-S benchmark.KEY=VALUE ...]: the benchmark stage on this node, on the
-# checkout's model, and one row of the per-partition throughput table (slurm/logs/throughput.md;
-# the run's metrics/benchmark.json is kept next to it). Used by benchmark_{cpu,gpu}.sbatch.
+# pcam_benchmark [-S benchmark.KEY=VALUE ...]: the benchmark stage on this node (the checkout's
+# code and architecture, freshly initialised) and one row of the per-partition throughput table
+# (slurm/logs/throughput.md; the run's metrics/details/benchmark.json is kept next to it). Used by benchmark_{cpu,gpu}.sbatch.
 pcam_benchmark() {
 	local logs=$PCAM_REPO/slurm/logs
 	pcam_workspace worktree
@@ -384,15 +384,15 @@ yaml.safe_dump(params, open("params.yaml", "w"), sort_keys=False)
 PY
 		pcam_log "benchmark params for this run: $*"
 	fi
-	# The model and the data the stage reads, from the DVC cache or the remote.
+	# The data the stage reads (train split, stats), from the DVC cache or the remote.
 	dvc pull --with-deps benchmark ||
-		pcam_die "could not get the benchmark stage's inputs: run the pipeline (repro_gpu.sbatch) and push first"
+		pcam_die "could not get the benchmark stage's inputs: run prepare_data.sbatch (it pushes the data) first"
 	# --force: an up-to-date benchmark is still measured again, on this node.
 	local status=0
 	pcam_run dvc repro --force --single-item benchmark || status=$?
 	((status == 0)) || pcam_die "the benchmark stage failed (exit $status)"
 	mkdir -p "$logs"
-	cp metrics/benchmark.json "$logs/benchmark-${SLURM_JOB_PARTITION:-local}-${SLURM_JOB_ID:-$$}.json"
+	cp metrics/details/benchmark.json "$logs/benchmark-${SLURM_JOB_PARTITION:-local}-${SLURM_JOB_ID:-$$}.json"
 	python - "$logs/throughput.md" <<'PY'
 """Append this job's row to the throughput table: batch-1 inference on the node's fastest device."""
 import fcntl
@@ -402,7 +402,7 @@ import re
 import socket
 import sys
 
-m = json.load(open("metrics/benchmark.json"))
+m = json.load(open("metrics/details/benchmark.json"))
 # Keys name device, precision, layout and batch size: "cuda_fp32_cl_bs1", "cpu_fp32_bs8".
 bs1 = {k: v for k, v in m["inference"].items() if re.search(r"_bs1$", k)}
 if not bs1:

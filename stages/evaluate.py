@@ -3,6 +3,8 @@
 Run by DVC (`dvc repro evaluate`). The only stage that runs the model on the test split.
 Outputs: data/predictions/{valid,test}.npz (index, probability, label), models/threshold.json
 (the decision threshold, kept next to the model for `python -m pcam.predict`), metrics/eval.json
+(the headline: threshold, valid and test quality with CIs, what `dvc metrics diff` compares),
+metrics/details/eval.json (every metric, also without validate-data's exclusions, and provenance)
 and the DVC plots in plots/eval/ (+ PNG copies for people reading the repo without DVC).
 """
 
@@ -32,12 +34,31 @@ MODEL = Path("models/model.pt")
 THRESHOLD = Path("models/threshold.json")
 PREDICTIONS = Path("data/predictions")
 METRICS = Path("metrics/eval.json")
+DETAILS = Path("metrics/details/eval.json")
 PLOTS = Path("plots/eval")
 
 
 def write_predictions(path: Path, index: np.ndarray, prob: np.ndarray, label: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, index=index, probability=prob, label=label)
+
+
+# The headline: what a user compares across experiments. Valid: the selection metrics; test: the
+# quality at the threshold chosen on valid. Flat keys (test.f2_ci_low), so `dvc exp show` columns
+# stay narrow and `--drop _ci_` hides the intervals.
+HEADLINE = {"valid": ("roc_auc", "f2"), "test": metrics.CI_METRICS}
+
+
+def headline(report: dict) -> dict:
+    out: dict = {"threshold": report["threshold"]["value"]}
+    for split, names in HEADLINE.items():
+        out[split] = {}
+        for name in names:
+            m = report[split][name]
+            out[split] |= {name: m["value"]} | {
+                f"{name}_{bound}": m[bound] for bound in ("ci_low", "ci_high") if bound in m
+            }
+    return out
 
 
 def write_plots(split: str, y: np.ndarray, prob: np.ndarray, threshold: float, bins: int) -> dict:
@@ -130,7 +151,8 @@ def main() -> None:
     report["provenance"] = provenance(
         {"evaluate": to_dict(p)}, p.bootstrap_seed, inputs=[MODEL, EXCLUSIONS]
     )
-    write_json(METRICS, report)
+    write_json(DETAILS, report)
+    write_json(METRICS, headline(report))
     t = report["test"]
     print(
         f"evaluate: threshold {threshold:.4f} ({p.threshold} on valid); test ROC-AUC "

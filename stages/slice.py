@@ -1,8 +1,10 @@
-"""slice stage: metrics on test slices where the model may fail silently -> metrics/slices.json.
+"""slice stage: metrics on test slices where the model may fail silently.
 
-Run by DVC (`dvc repro slice`). Reads the saved predictions (never re-runs the model) plus the raw
-test patches and meta CSV for the slice definitions. Also writes error galleries: the most
-confident false negatives/positives overall and in the worst slice (plots/slices/*.png).
+Run by DVC (`dvc repro slice`). Reads the saved predictions (never re-runs the model), the threshold
+and global test metrics from metrics/eval.json, plus the raw test patches and meta CSV for the
+slice definitions. Writes metrics/slices.json (the headline: the worst slice's F2 gap),
+metrics/details/slices.json (every slice with CIs, warnings, provenance) and error galleries: the
+most confident false negatives/positives overall and in the worst slice (plots/slices/*.png).
 """
 
 import json
@@ -33,6 +35,7 @@ RAW_DIR = Path("data/raw")
 PREDICTIONS = Path("data/predictions/test.npz")
 EVAL = Path("metrics/eval.json")
 METRICS = Path("metrics/slices.json")
+DETAILS = Path("metrics/details/slices.json")
 PLOTS = Path("plots/slices")
 
 
@@ -49,7 +52,7 @@ def main() -> None:
     pred = np.load(PREDICTIONS)
     index, y, prob = pred["index"], pred["label"].astype(np.int64), pred["probability"]
     evaluation = json.loads(EVAL.read_text())
-    threshold = evaluation["threshold"]["value"]
+    threshold = evaluation["threshold"]
     x_path, _, meta_path = h5io.split_files(RAW_DIR, "test")
     meta, skipped = None, {}
     if meta_path.exists():
@@ -67,7 +70,7 @@ def main() -> None:
     x = read_x(x_path, index)
 
     # evaluate scored these very predictions at this threshold
-    global_metrics = {k: evaluation["test"][k]["value"] for k in CI_METRICS}
+    global_metrics = {k: evaluation["test"][k] for k in CI_METRICS}
     masks = define_slices(patch_features(x, p.background_saturation), meta, p)
     slices = {
         name: score_slice(y, prob, threshold, mask, global_metrics, p, seed)
@@ -107,8 +110,9 @@ def main() -> None:
             index,
         )
 
+    write_json(METRICS, {"worst_f2_gap": gaps[worst]} if worst else {})
     write_json(
-        METRICS,
+        DETAILS,
         {
             "global": global_metrics | {"threshold": threshold, "n": len(y)},
             "slices": slices,

@@ -1,5 +1,9 @@
 """train stage: train the model chosen by train.model -> models/model.pt, metrics/train.json, dvclive/.
 
+metrics/train.json is the headline (epochs run, the best epoch, its validation loss);
+metrics/details/train.json adds the best and the last epoch's figures, the train size and
+provenance.
+
 Run by DVC (`dvc repro train`, `dvc exp run -S train.lr=1e-4`). On SIGTERM/SIGUSR1 (SLURM's
 warning before a time limit, preemption, scancel) it saves a checkpoint to
 .cache/checkpoints/train.pt and exits 75; run again with PCAM_RESUME=1 to continue where it
@@ -42,6 +46,7 @@ MODEL = Path("models/model.pt")
 # The resumable state: outside DVC's outputs (DVC deletes those before a run) and git-ignored.
 CHECKPOINT = Path(".cache/checkpoints/train.pt")
 METRICS = Path("metrics/train.json")
+DETAILS = Path("metrics/details/train.json")
 LIVE_DIR = Path("dvclive")
 
 
@@ -102,13 +107,23 @@ def run_rank(rank: int, world: int) -> None:
             dist.destroy_process_group()
     if rank == 0:
         last = prog.history[-1]
+        # best_epoch is 0 when no epoch had a valid ROC-AUC (e.g. one class in valid)
+        best = prog.history[prog.best_epoch - 1] if prog.best_epoch else {}
+        # The saved model is the best epoch's, so evaluate's valid.* are its validation metrics
+        # at the chosen threshold; only its validation loss is this stage's own headline.
         write_json(
             METRICS,
+            {"epochs_run": prog.epoch, "best_epoch": prog.best_epoch}
+            | ({"best_val_loss": best["val_loss"]} if best else {}),
+        )
+        write_json(
+            DETAILS,
             {
                 "epochs_run": prog.epoch,
                 "stopped_early": prog.stopped_early,
                 "best_epoch": prog.best_epoch,
                 "best_val_roc_auc": prog.best_roc_auc,
+                "best": best,
                 "final": {k: last[k] for k in ("train_loss", "val_loss", "val_roc_auc", "val_f2")},
                 "n_train": len(train_split),
                 "provenance": prov,

@@ -8,8 +8,9 @@ checks set to "warn" print a warning line and go on.
 
 Outputs: data/validated/exclusions.json (per split, the patches excluded for the reasons in
 validate.exclude; train and compute-stats leave out train's, evaluate reports test with and
-without test's), metrics/data.json (counts, storage, leakage, label association, slides) and
-plots/data/<reason>.png (up to 32 flagged patches per reason, one file per reason even if empty).
+without test's), metrics/data.json (the headline: patches and exclusions per split, leaked
+patches), metrics/details/data.json (the full report: counts per reason, storage, leakage, label
+association, slides) and plots/data/<reason>.png (up to 32 flagged patches per reason, one file per reason even if empty).
 A split without its meta CSV (optional) gets one line saying which checks were skipped and why.
 """
 
@@ -24,7 +25,8 @@ from pcam.validation import validate
 
 RAW_DIR = Path("data/raw")
 EXCLUSIONS = Path("data/validated/exclusions.json")
-REPORT = Path("metrics/data.json")
+METRICS = Path("metrics/data.json")
+REPORT = Path("metrics/details/data.json")
 GALLERIES = Path("plots/data")
 
 
@@ -44,6 +46,12 @@ def main() -> None:
     # Every check passed: only now is anything written.
     write_json(EXCLUSIONS, result.exclusions)
     write_json(REPORT, result.report)
+    splits = result.report["splits"]
+    write_json(
+        METRICS,
+        {name: {"n": r["n"], "excluded": r["excluded"]} for name, r in splits.items()}
+        | {"leaked_patches": result.report["leakage"]["tissue_rows_total"]},
+    )
     for reason, g in result.galleries.items():
         patch_grid(GALLERIES / f"{reason}.png", g.patches, g.captions, g.title)
     for split, r in result.report["splits"].items():

@@ -69,3 +69,52 @@ def test_loaders_deliver_the_same_normalised_batches(tiny_raw):
     ours = normalise(torch.from_numpy(read_x(x_path))[3:4], mean, std)[0]
     assert torch.allclose(ds[3], ours, atol=1e-5)  # same values; fused arithmetic rounds apart
     bench.loader_naive(x_path, 16, 4, 0, mean, std)()
+
+
+def test_timed_train_params_ignore_what_does_not_change_the_work():
+    p = tiny_train()
+    other = dataclasses.replace(
+        p,
+        seed=7,
+        lr=0.5,
+        epochs=9,
+        scheduler="cosine",
+        momentum=0.5,
+        weight_decay=0.1,
+        grad_clip_norm=1.0,
+        early_stopping_patience=3,
+        plateau_patience=4,
+        plateau_factor=0.5,
+        sampler="weighted",
+        device="auto",
+        devices=2,
+        precision="bf16",
+        compile=True,
+        threads=7,
+    )
+    assert bench.timed_train_params(p, 2) == bench.timed_train_params(other, 2)
+    assert bench.timed_train_params(p, 2).threads == 2
+    assert bench.timed_train_params(dataclasses.replace(p, width=8), 2).width == 8
+    # A new train param must be classified: timed (declared in dvc.yaml) or fixed here.
+    timed = {k.split(".")[0] for k in bench.TIMED_TRAIN_PARAMS}
+    unclassified = {f.name for f in dataclasses.fields(p)} - timed - set(bench.FIXED_TRAIN_PARAMS)
+    assert unclassified <= {"threads", "resume"}  # threads: benchmark.threads; resume: unused
+
+
+def test_cpu_pins_arms_differ_only_in_the_pins(monkeypatch):
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # as this process's own pins set it
+    pinned, unpinned = bench._arm_env(True), bench._arm_env(False)
+    assert (pinned["PCAM_CPU_PINS"], unpinned["PCAM_CPU_PINS"]) == ("1", "0")
+    assert pinned["ATEN_CPU_CAPABILITY"] == "avx2" and "ATEN_CPU_CAPABILITY" not in unpinned
+    assert {k: v for k, v in pinned.items() if k not in ("PCAM_CPU_PINS",) + bench.PINNED_VARS} == {
+        k: v for k, v in unpinned.items() if k != "PCAM_CPU_PINS"
+    }
+
+
+def test_cpu_pins_are_compared_in_interleaved_rounds_of_two_processes():
+    r = bench.compare_cpu_pins(tiny_train(), steps=2, warmup=1, rounds=3)
+    assert len(r["rounds"]) == 3 and r["steps_per_round"] == 2 and r["batch_size"] == 16
+    costs = [x["unpinned_images_per_s"] / x["pinned_images_per_s"] - 1 for x in r["rounds"]]
+    assert r["cost"] == float(np.median(costs))
+    assert r["cost_min"] <= r["cost"] <= r["cost_max"]
+    assert all(x["pinned_images_per_s"] > 0 and x["unpinned_images_per_s"] > 0 for x in r["rounds"])

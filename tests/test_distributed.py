@@ -18,7 +18,7 @@ def test_two_process_gloo_run_writes_one_checkpoint_and_metrics(tmp_path):
     assert ckpt["progress"]["finished"]
     assert ckpt["provenance"]["world_size"] == 2
     load_model(ckpt, "model.pt")  # plain module weights, no DDP 'module.' prefix
-    metrics = read_json(repo / "metrics/train.json")
+    metrics = read_json(repo / "metrics/details/train.json")
     assert metrics["provenance"]["world_size"] == 2
     assert 0.0 <= metrics["final"]["val_roc_auc"] <= 1.0
     # rank 0 alone printed the epoch summary, once per epoch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import difflib
 from pathlib import Path
 
 import yaml
@@ -145,3 +146,33 @@ def test_every_path_a_stage_touches_is_declared():
                 if d == path or d.startswith(path + "/") or path.startswith(d + "/")
             ]
             assert related, f"{name}: {path} is used by {script_of(stage).name} but not declared"
+
+
+def test_benchmark_depends_on_what_it_times_only():
+    # Not the trained weights nor lr/seed/epochs/...: an lr or seed experiment must not re-run it.
+    from pcam.benchmark import TIMED_TRAIN_PARAMS
+
+    stage = dvc_yaml()["stages"]["benchmark"]
+    assert "models/model.pt" not in stage["deps"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    benchmark_keys = {k for k in leaf_keys(params) if k.startswith("benchmark.")}
+    assert set(stage["params"]) == benchmark_keys | {f"train.{k}" for k in TIMED_TRAIN_PARAMS}
+
+
+def test_params_yaml_is_written_the_way_dvc_writes_it_back(tmp_path):
+    # `dvc exp run -S` rewrites params.yaml with DVC's own YAML round trip (ruamel: flow lists
+    # become block lists, a comment after a flow list moves). params.yaml is kept in the form that
+    # round trip produces, so an experiment's params.yaml differs in the line it set, nothing else.
+    from dvc.utils.hydra import apply_overrides
+
+    original = (REPO / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(original)
+    seed = yaml.safe_load(original)["train"]["seed"]
+    apply_overrides(path, [f"train.seed={seed}"])  # what -S does, with the value it has
+    assert path.read_text() == original
+    apply_overrides(path, ["train.lr=1e-4"])
+    diff = difflib.unified_diff(original.splitlines(), path.read_text().splitlines(), n=0)
+    changed = [line for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    lr = yaml.safe_load(original)["train"]["lr"]
+    assert changed == [f"-  lr: {lr}", "+  lr: 0.0001"]

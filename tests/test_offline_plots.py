@@ -1,16 +1,16 @@
-"""Offline `dvc plots`: pinned, verified npm tarballs -> one template; `make plots-offline` output.
+"""Plots that draw offline: the committed page template, and what plain `dvc plots` make with it.
 
-    pytest tests/test_offline_plots.py      # ~15 s; needs node/npm and, once, the npm registry
+    pytest tests/test_offline_plots.py      # ~40 s; needs npm (and, once, its registry) and chromium
 
-The page DVC writes with the template must load no remote script, and the plots in it must render
-from the inlined libraries alone: node runs them in a bare context (no fetch, no DOM) and renders
-every plot's spec to SVG.
+The template (vendor/dvc-plots-offline.html) must be exactly what the pinned, sha512-checked npm
+tarballs build; .dvc/config must name it; and the pages plain `dvc plots diff` / `dvc plots show`
+write must draw every plot in a real browser with no network (tests/chromium.py), where DVC's own
+CDN page draws none.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import re
 import shutil
 import tarfile
@@ -20,46 +20,9 @@ import pytest
 
 from pcam import offline_plots
 from pcam.errors import PcamError
-from tests.e2e import dvc, make_cmd, run
-
-# Runs each inline <script> of the page in order, the three libraries first; the plot scripts'
-# vegaEmbed(id, spec) calls are captured, and each spec is rendered headless to SVG with Vega.
-RENDER_JS = r"""
-const fs = require("fs");
-const vm = require("vm");
-const html = fs.readFileSync(process.argv[2], "utf8");
-const scripts = [...html.matchAll(/<script\b[^>]*>([\s\S]*?)<\/script>/gi)].map((m) => m[1]);
-// A bare context: no fetch, no XMLHttpRequest, no DOM, so nothing can come from the network.
-const ctx = vm.createContext({ console });
-const plots = [];
-let embedCaptured = false;
-let versions = null;
-for (const code of scripts) {
-  if (/^\s*var spec = /.test(code) && !embedCaptured) {
-    const kinds = vm.runInContext("[typeof vega, typeof vegaLite, typeof vegaEmbed]", ctx);
-    if (kinds.join() !== "object,object,function") throw new Error("libraries missing: " + kinds);
-    versions = vm.runInContext("[vega.version, vegaLite.version, vegaEmbed.version]", ctx);
-    ctx.vegaEmbed = (id, spec) => plots.push({ id, spec });
-    embedCaptured = true;
-  }
-  vm.runInContext(code, ctx);
-}
-(async () => {
-  const out = [];
-  for (const { id, spec } of plots) {
-    const lite = String(spec.$schema || "").includes("vega-lite");
-    const vgSpec = lite ? ctx.vegaLite.compile(spec).spec : spec;
-    const view = new ctx.vega.View(ctx.vega.parse(vgSpec), { renderer: "none" });
-    const svg = await view.toSVG();
-    const values = (spec.data && spec.data.values) || [];
-    out.push({ id, svg, revs: [...new Set(values.map((v) => v.rev))].sort() });
-  }
-  console.log(JSON.stringify({ versions, plots: out }));
-})().catch((e) => {
-  console.error((e && e.stack) || e);
-  process.exit(1);
-});
-"""
+from tests.chromium import MIN_MARK_PIXELS, drawn_plots
+from tests.conftest import REPO
+from tests.e2e import copy_repo, dvc
 
 REMOTE_REF = re.compile(
     r"<(script|link|img|iframe)\b[^>]*\b(src|href)\s*=\s*[\"']?\s*(https?:)?//", re.I
@@ -107,49 +70,48 @@ def _require(tool: str) -> str:
     return found
 
 
-def _plots_repo(root: Path) -> Path:
-    """A small DVC repo with the project's kinds of plots: a ROC CSV and a dvclive-style TSV."""
-    repo = root / "plots-repo"
-    repo.mkdir()
-    run(["git", "init", "-q", "-b", "main"], repo)
-    dvc(["init", "-q"], repo)
-    (repo / "dvc.yaml").write_text(
-        "plots:\n  - roc.csv:\n      x: fpr\n      y: tpr\n  - loss.tsv:\n      x: step\n"
-    )
-    (repo / "roc.csv").write_text("fpr,tpr\n0.0,0.0\n0.1,0.6\n0.4,0.9\n1.0,1.0\n")
-    (repo / "loss.tsv").write_text("step\tloss\n0\t0.69\n1\t0.52\n2\t0.40\n")
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-q", "-m", "plots"], repo)
-    (repo / "roc.csv").write_text("fpr,tpr\n0.0,0.0\n0.1,0.7\n0.4,0.95\n1.0,1.0\n")
-    return repo
+def test_committed_template_is_the_pinned_build(tmp_path):
+    _require("npm")
+    built = offline_plots.build_template(tmp_path / "tarballs")
+    assert (REPO / offline_plots.TEMPLATE).read_text() == built, "run make plots-template"
+    assert not re.findall(r"<script\b[^>]*\bsrc\s*=", built, re.I), "a script loads from a URL"
+    assert not REMOTE_REF.search(built), REMOTE_REF.search(built)
+    # the licence travels with the code
+    assert built.count("Redistribution and use in source and binary forms") == 3
+
+
+def test_dvc_config_makes_it_the_default_page():
+    shown = dvc(["config", "plots.html_template"], REPO).stdout.strip()
+    # DVC reads a relative html_template from the .dvc/ directory
+    assert (REPO / ".dvc" / shown).resolve() == (REPO / offline_plots.TEMPLATE).resolve()
+
+
+def _plot_ids(page: Path) -> list[str]:
+    body = page.read_text().split("<body>", 1)[1]
+    return re.findall(r"vegaEmbed\('#([^']+)'", body)
 
 
 @pytest.mark.e2e
-def test_make_plots_offline_page_renders_without_network(tmp_path):
-    _require("npm")
-    node = _require("node")
-    repo = _plots_repo(tmp_path)
-    reports = tmp_path / "reports"
-    run(
-        [*make_cmd(repo), "plots-offline"]
-        + [f"OFFLINE_PLOTS={tmp_path / 'vendor'}", f"REPORTS={reports}"],
-        repo,
-    )
-
-    page = reports / "plots-offline" / "index.html"
+def test_plain_dvc_plots_pages_draw_every_plot_without_network(tmp_path):
+    # The repo's plots and dvclive/ files are committed (cache: false): no pipeline run needed.
+    repo = copy_repo(tmp_path / "repo")
+    roc = repo / "plots" / "eval" / "roc_test.csv"
+    lines = roc.read_text().splitlines()
+    roc.write_text("\n".join(lines[:1] + lines[1::2]) + "\n")  # a workspace change to diff
+    dvc(["plots", "diff", "-o", str(tmp_path / "diff")], repo)
+    page = tmp_path / "diff" / "index.html"
     html = page.read_text()
     assert "cdn.jsdelivr.net" not in html
-    assert not re.findall(r"<script\b[^>]*\bsrc\s*=", html, re.I), "a script loads from a URL"
-    assert not REMOTE_REF.search(html), REMOTE_REF.search(html)
+    ids = _plot_ids(page)
+    assert len(ids) >= 10, ids  # the project's ROC, PR, calibration, confusion, training curves
+    drawn = drawn_plots(page)
+    assert [p["id"] for p in drawn] == ids
+    blank = [p for p in drawn if p["coloured"] < MIN_MARK_PIXELS]
+    assert not blank, blank
+    assert '"rev": "HEAD"' in html and '"rev": "workspace"' in html
 
-    script = tmp_path / "render.js"
-    script.write_text(RENDER_JS)
-    rendered = run([node, str(script), str(page)], tmp_path)
-    result = json.loads(rendered.stdout)
-    assert result["versions"] == [lib.version for lib in offline_plots.LIBRARIES]
-    plots = {p["id"]: p for p in result["plots"]}
-    assert len(plots) == 2, list(plots)
-    for plot in plots.values():
-        assert plot["svg"].startswith("<svg") and "<path" in plot["svg"], plot["id"]
-    # the ROC plot compares HEAD with the workspace, as `dvc plots diff` should
-    assert ["HEAD", "workspace"] in [p["revs"] for p in plots.values()]
+    # The control: DVC's own page, which loads Vega from a CDN, draws nothing here.
+    dvc(["config", "--unset", "plots.html_template"], repo)
+    dvc(["plots", "show", "-o", str(tmp_path / "cdn")], repo)
+    control = drawn_plots(tmp_path / "cdn" / "index.html")
+    assert len(control) == len(ids) and not any(p["canvas"] for p in control), control

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
 from pcam import h5io
-from tests.e2e import STAGES, TINY, copy_repo, dvc, read_json, run
+from tests.conftest import REPO
+from tests.e2e import STAGES, TINY, copy_repo, dvc, env, read_json, run
 
 pytestmark = pytest.mark.e2e
+
+METRICS_FILES = ("data", "train", "eval", "slices", "benchmark")
 
 
 @pytest.fixture(scope="module")
@@ -38,22 +45,20 @@ def test_repro_writes_every_declared_output(repro_repo):
         "data/predictions/valid.npz",
         "data/predictions/test.npz",
         "models/threshold.json",
-        "metrics/data.json",
-        "metrics/train.json",
-        "metrics/eval.json",
-        "metrics/slices.json",
-        "metrics/benchmark.json",
+        *(f"metrics/{name}.json" for name in METRICS_FILES),
+        *(f"metrics/details/{name}.json" for name in METRICS_FILES),
         "plots/eval/roc_test.csv",
         "plots/eval/roc.png",
         "dvclive/plots/metrics/train/loss.tsv",
         "dvclive/plots/metrics/val/roc_auc.tsv",
     ):
         assert (repro_repo / rel).is_file(), rel
-    ev = read_json(repro_repo / "metrics/eval.json")
+    ev = read_json(repro_repo / "metrics/details/eval.json")
     assert 0.0 <= ev["test"]["roc_auc"]["value"] <= 1.0
     assert ev["threshold"]["chosen_on"] == "valid"
-    bench = read_json(repro_repo / "metrics/benchmark.json")
+    bench = read_json(repro_repo / "metrics/details/benchmark.json")
     assert bench["best_inference_images_per_s"] > 0 and bench["loader_speedup_vs_naive"] > 0
+    assert len(bench["cpu_pins"]["rounds"]) == TINY["benchmark.repeats"]
     assert set(bench["inference"]) == {
         f"cpu_fp32_{layout}_bs{bs}" for layout in ("cl", "nchw") for bs in (1, 8)
     }
@@ -64,6 +69,42 @@ def test_repro_writes_every_declared_output(repro_repo):
     assert "Running stage" not in again.stdout
 
 
+def test_headline_metrics_are_the_details_few_numbers(repro_repo):
+    # What `dvc metrics diff` compares: a screenful, each number also in the stage's details.
+    shown = json.loads(dvc(["metrics", "show", "--json"], repro_repo).stdout)
+    rows = {
+        (path, key) for path, data in shown[""]["data"].items() for key in _leaves(data["data"])
+    }
+    assert {path for path, _ in rows} == {f"metrics/{name}.json" for name in METRICS_FILES}
+    assert len(rows) <= 40, sorted(rows)
+    table = dvc(["metrics", "diff", "--all", "--md"], repro_repo).stdout.splitlines()
+    assert len([line for line in table if line.startswith("| metrics/")]) == len(rows)
+    headline = read_json(repro_repo / "metrics/eval.json")
+    details = read_json(repro_repo / "metrics/details/eval.json")
+    assert headline["threshold"] == details["threshold"]["value"]
+    for split in ("valid", "test"):
+        for name in ("roc_auc", "f2"):
+            full = details[split][name]
+            assert headline[split][name] == full["value"]
+            assert headline[split][f"{name}_ci_low"] == full["ci_low"]
+            assert headline[split][f"{name}_ci_high"] == full["ci_high"]
+    train = read_json(repro_repo / "metrics/train.json")
+    history = read_json(repro_repo / "metrics/details/train.json")
+    assert train["best_epoch"] == history["best_epoch"]
+    assert train["best_val_loss"] == history["best"]["val_loss"]
+    # the model is the best epoch's: evaluate's valid ROC-AUC is that epoch's
+    assert headline["valid"]["roc_auc"] == pytest.approx(history["best_val_roc_auc"], abs=1e-12)
+    slices = read_json(repro_repo / "metrics/details/slices.json")
+    worst = slices["slices"][slices["worst_slice"]]["f2"]["gap_to_global"]
+    assert read_json(repro_repo / "metrics/slices.json") == {"worst_f2_gap": worst}
+
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict):
+        return [leaf for k, v in node.items() for leaf in _leaves(v, f"{prefix}{k}.")]
+    return [prefix[:-1]]
+
+
 def test_status_clean_after_repro(repro_repo):
     status = json.loads(dvc(["status", "--json"], repro_repo).stdout)
     assert status == {}
@@ -71,9 +112,12 @@ def test_status_clean_after_repro(repro_repo):
 
 def test_experiment_shows_in_exp_show_metrics_diff_and_plots_diff(repro_repo):
     before = read_json(repro_repo / "metrics/train.json")
-    dvc(["exp", "run", "-S", "train.lr=0.02", "-n", "lr-0.02"], repro_repo)
+    out = dvc(["exp", "run", "-S", "train.lr=0.02", "-n", "lr-0.02"], repro_repo).stdout
     after = read_json(repro_repo / "metrics/train.json")
-    assert after["final"]["val_loss"] != before["final"]["val_loss"]
+    assert after["best_val_loss"] != before["best_val_loss"]
+    # lr changes the model, not what the benchmark times: it is not re-run
+    ran = [stage for stage in STAGES if f"Running stage '{stage}'" in out]
+    assert ran == ["train", "evaluate", "slice"], out
 
     show = json.loads(dvc(["exp", "show", "--json"], repro_repo).stdout)
     flat = json.dumps(show)
@@ -83,8 +127,9 @@ def test_experiment_shows_in_exp_show_metrics_diff_and_plots_diff(repro_repo):
 
     diff = json.loads(dvc(["metrics", "diff", "--json"], repro_repo).stdout)
     assert "metrics/train.json" in diff
-    assert "final.val_loss" in diff["metrics/train.json"]
-    assert "metrics/eval.json" in diff and "metrics/slices.json" in diff
+    assert "best_val_loss" in diff["metrics/train.json"]
+    assert "test.roc_auc" in diff["metrics/eval.json"]
+    assert "metrics/benchmark.json" not in diff
 
     plots = json.loads(dvc(["plots", "diff", "--json"], repro_repo).stdout)["data"]
     (roc,) = plots["plots/eval/roc_test.csv"]
@@ -97,7 +142,7 @@ def test_experiment_shows_in_exp_show_metrics_diff_and_plots_diff(repro_repo):
 def test_reported_test_metrics_recompute_from_saved_predictions(repro_repo):
     """An independent check: every test metric in eval.json, recomputed from the saved
     predictions with scikit-learn (ECE with a direct numpy formula), gives the same value."""
-    ev = read_json(repro_repo / "metrics/eval.json")
+    ev = read_json(repro_repo / "metrics/details/eval.json")
     saved = np.load(repro_repo / "data/predictions/test.npz")
     y, prob = saved["label"].astype(int), saved["probability"]
     t = ev["threshold"]["value"]
@@ -127,3 +172,37 @@ def test_reported_test_metrics_recompute_from_saved_predictions(repro_repo):
     yv, pv = val["label"].astype(int), val["probability"]
     f2_at_t = skm.fbeta_score(yv, pv >= t, beta=2)
     assert all(f2_at_t >= skm.fbeta_score(yv, pv >= c, beta=2) - 1e-12 for c in np.unique(pv))
+
+
+def readme_sweep_table_command() -> list[str]:
+    """The README's sweep-table command: the line of its own after 'A sweep table'."""
+    text = (REPO / "README.md").read_text().split("**A sweep table**", 1)[1]
+    line = next(ln for ln in text.splitlines() if ln.startswith("dvc exp show --only-changed"))
+    return shlex.split(line)
+
+
+def test_readme_sweep_table_fits_200_columns(repro_repo):
+    """The README's `dvc exp show` line on a 4-run sweep (2 lr x 2 seeds): every column shown
+    (rich replaces the columns that do not fit with '…'), no line wider than 200."""
+    dvc(["exp", "remove", "--all-commits"], repro_repo)
+    for lr in ("0.002", "0.004"):
+        for seed in ("0", "1"):
+            dvc(["exp", "run", "-S", f"train.lr={lr}", "-S", f"train.seed={seed}"], repro_repo)
+    cmd = readme_sweep_table_command()
+    assert cmd[0] == "dvc"
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), *cmd[1:], "--no-pager"],
+        cwd=repro_repo,
+        env=env() | {"COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    table = proc.stdout.splitlines()
+    assert "…" not in proc.stdout, proc.stdout
+    assert max(map(len, table)) <= 200, proc.stdout
+    header = next(line for line in table if "Experiment" in line).split()
+    for column in ("train.lr", "train.seed", "threshold", "valid.roc_auc", "test.f2"):
+        assert column in header, header
+    assert not any("_ci_" in c or "/" in c or c == "Created" for c in header), header
+    assert sum(line.lstrip().startswith(("├──", "└──")) for line in table) == 4, proc.stdout

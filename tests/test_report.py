@@ -6,6 +6,7 @@ pytest tests/test_report.py                 # + 2 lr x 2 seeds through `make swe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -16,6 +17,7 @@ import yaml
 
 from pcam import report
 from pcam.errors import PcamError
+from tests.chromium import undrawn_plots
 from tests.conftest import REPO
 from tests.e2e import TINY, copy_repo, dvc, make_cmd, run
 
@@ -57,23 +59,27 @@ def sample() -> list[dict]:
 def test_runs_leave_out_workspace_running_and_failed():
     runs, notes = report.runs_from_exp_show(sample())
     names = [r.name for r in runs]
-    assert names[0] == "main"  # the baseline commit is a run
+    assert names[0] == "main"  # the baseline commit is a run, marked as such
+    assert [r.baseline for r in runs] == [True, False, False, False, False]
     assert len(names) == 5 and "workspace" not in names, names
     # A running experiment already shows metrics (its parent's, in SAMPLE): only the state tells.
     assert "waiting" not in names and "bad-chunk" not in names
     assert notes == ["experiment waiting: running", "experiment bad-chunk: failed"]
 
 
+def experiments() -> list[report.Run]:
+    return [r for r in report.runs_from_exp_show(sample())[0] if not r.baseline]
+
+
 def test_identical_params_are_one_sample():
-    runs, _ = report.runs_from_exp_show(sample())
-    kept, notes = report.dedupe(runs)
-    # the experiment with the baseline's lr and seed repeats the baseline
-    assert len(kept) == 4
-    assert len(notes) == 1 and "same params as main" in notes[0]
+    runs = experiments()
+    kept, notes = report.dedupe([*runs, dataclasses.replace(runs[0], name="again")])
+    assert kept == runs
+    assert notes == [f"again: same params as {runs[0].name}, counted once"]
 
 
 def test_configurations_are_every_param_but_the_seed():
-    runs, _ = report.dedupe(report.runs_from_exp_show(sample())[0])
+    runs, _ = report.dedupe(experiments())
     configs = report.group_configs(runs)
     assert report.varying_params(configs) == ["train.lr"]
     by_lr = {c.params["train.lr"]: c for c in configs}
@@ -202,6 +208,31 @@ def test_cli_prints_table_champion_and_writes_plot(tmp_path, capsys):
     assert "**0.02**" in row and "0.6611 ± 0.0542" in row
     assert "Champion by highest mean valid.roc_auc over seeds: **train.lr=0.02**" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the baseline commit (lr 0.002, seed 0: valid.roc_auc 0.7080) apart, under the grid
+    assert "| main | 0.002 | 0 | 0.7080 |" in out.split("### Baseline")[1]
+
+
+def test_champion_comes_from_the_grid_never_the_baseline(tmp_path, capsys):
+    # The bug this guards against: a baseline with params outside the grid (lr 0.001, one run)
+    # and the best valid.roc_auc was named champion over the grid's means.
+    doc = sample()
+    baseline = doc[1]["data"]
+    baseline["params"]["params.yaml"]["data"]["train"]["lr"] = 0.001
+    baseline["metrics"]["metrics/eval.json"]["data"]["valid"]["roc_auc"] = 0.95
+    saved = tmp_path / "exp_show.json"
+    saved.write_text(json.dumps(doc))
+    report.main(["experiments", "--input", str(saved), "--metric", "valid.roc_auc"])
+    out = capsys.readouterr().out
+    table, baseline_part = out.split("### Baseline")
+    assert "## Experiments: 2 configuration(s), 4 run(s)" in table
+    # lr 0.02: 0.6995, 0.6228; lr 0.002: 0.7080, 0.5803 (the experiments, not the baseline)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "train.lr" not in line]
+    assert rows == [
+        "| **0.02** (champion) | 0, 1 | 2 | 0.6611 ± 0.0542 |",
+        "| 0.002 | 0, 1 | 2 | 0.6442 ± 0.0903 |",
+    ]
+    assert "0.001" not in table and "0.9500" not in table
+    assert "| main | 0.001 | 0 | 0.9500 |" in baseline_part
 
 
 def test_changes_names_an_unknown_base(tmp_path, capsys):
@@ -240,7 +271,8 @@ def swept(tmp_path_factory):
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", "baseline"], repo)
     base_lr = yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"]
-    # The baseline is one cell of the grid: one run less to train. Floats as DVC will write them.
+    # The grid holds the baseline's params too (that experiment's stages are up to date: cheap);
+    # the report still shows the baseline commit apart. Floats as DVC will write them.
     lrs = [float(f"{lr:g}") for lr in (base_lr, base_lr * 10)]
     grid = [f"SWEEP_LRS={lrs[0]:g},{lrs[1]:g}", "SWEEP_SEEDS=0,1", "SWEEP_TARGETS=evaluate"]
     make_in(repo, "sweep", *grid)
@@ -299,7 +331,8 @@ def test_sweep_report_means_over_seeds_and_champion(swept, tmp_path):
         assert f"{means[lr]:.4f} ± {spread:.4f}" in text, (lr, text)
     best = max(lrs, key=lambda lr: means[lr])
     assert f"**train.lr={best:g}**" in text, text
-    assert "2 configuration(s), 4 run(s)" in text, text  # the baseline repeat counted once
+    assert "2 configuration(s), 4 run(s)" in text, text  # the grid; the baseline apart
+    assert "| main |" in text.split("### Baseline")[1].split("Left out")[0], text
     assert ": failed" in text.split("Left out or merged:")[1], text
     assert (tmp_path / "experiments.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -321,3 +354,6 @@ def test_changes_report_against_the_base_branch(swept, tmp_path):
     assert page == (tmp_path / "plots" / "index.html").resolve() and page.is_file()
     html = page.read_text()
     assert "vegaEmbed" in html and '"main"' in html and '"workspace"' in html
+    # the committed offline template is the default: every plot draws with no network
+    assert "cdn.jsdelivr.net" not in html
+    assert undrawn_plots(page) == []

@@ -542,7 +542,14 @@ def test_stage_writes_exclusions_report_and_one_gallery_per_reason(stage_dir, mo
             {"index": 5, "reason": "duplicate", "reasons": ["duplicate"], "copy_of": "train:2"}
         ],
     }
-    report = json.loads((stage_dir / "metrics/data.json").read_text())
+    # the headline, what `dvc metrics diff` compares; the full report next to it
+    assert json.loads((stage_dir / "metrics/data.json").read_text()) == {
+        "train": {"n": 16, "excluded": 1},
+        "valid": {"n": 16, "excluded": 0},
+        "test": {"n": 16, "excluded": 0},
+        "leaked_patches": 0,
+    }
+    report = json.loads((stage_dir / "metrics/details/data.json").read_text())
     assert report["splits"]["train"]["flagged"]["duplicate"] == 1
     assert (
         report["splits"]["test"]["storage"]["camelyonpatch_level_2_split_test_x.h5"]["compression"]

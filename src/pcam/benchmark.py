@@ -9,6 +9,10 @@ count is pinned by the caller and recorded with the machine.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,7 +26,48 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pcam.data import Split, normalise, read_x
-from pcam.params import TrainParams
+from pcam.errors import PcamError
+from pcam.params import AugmentParams, TrainParams, to_dict
+
+# The train params that change what the benchmark times: the architecture, the batch, the memory
+# layout, the optimizer's kind and the data path's augmentation. dvc.yaml declares exactly these
+# (plus benchmark.*) for the benchmark stage; tests/test_dvc_yaml.py keeps the two equal.
+TIMED_TRAIN_PARAMS = (
+    "model",
+    "width",
+    "hidden_units",
+    "batch_size",
+    "channels_last",
+    "optimizer",
+    "augment.flips",
+    "augment.rot90",
+    "augment.color_jitter",
+)
+# The others change numbers, not work: fixed here, so an lr, seed or schedule experiment does not
+# re-run the benchmark. Training is timed in fp32, eager (the full profile adds bf16 and
+# torch.compile for inference only), on benchmark.threads threads.
+FIXED_TRAIN_PARAMS = {
+    "seed": 0,
+    "epochs": 2,
+    "lr": 1e-3,
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "scheduler": "none",
+    "plateau_patience": 1,
+    "plateau_factor": 0.1,
+    "grad_clip_norm": 0.0,
+    "early_stopping_patience": 0,
+    "sampler": "shuffle",
+    "device": "cpu",
+    "devices": 1,
+    "precision": "fp32",
+    "compile": False,
+}
+
+
+def timed_train_params(p: TrainParams, threads: int) -> TrainParams:
+    """`p` with everything but TIMED_TRAIN_PARAMS fixed, on `threads` threads."""
+    return dataclasses.replace(p, **FIXED_TRAIN_PARAMS, threads=threads)
 
 
 def _sync(device: torch.device) -> None:
@@ -204,6 +249,98 @@ def compare_loop_to_premade(
     }
 
 
+# --- The cost of the CPU numerics pins --------------------------------------------------------
+# pcam/__init__.py pins the CPU kernels (ISA caps, MKL's reproducible mode) before torch is
+# imported, unless PCAM_CPU_PINS=0: each arm is therefore its own process. The pins this process
+# got from its own import are removed from the unpinned arm's environment.
+PINS_ENV = "PCAM_CPU_PINS"
+PINNED_VARS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+
+
+def _arm_env(pins: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if pins or k not in PINNED_VARS}
+    env[PINS_ENV] = "1" if pins else "0"
+    return env
+
+
+def pins_worker(config_json: str) -> None:
+    """Child process of `compare_cpu_pins`: warm up, print "ready", then for each line on stdin
+    time `steps` training steps on a pre-made batch and print their images/s."""
+    from pcam.training import Stepper, set_determinism
+
+    config = json.loads(config_json)
+    raw, steps, cpu = config["train"], config["steps"], torch.device("cpu")
+    p = TrainParams(**{**raw, "augment": AugmentParams(**raw["augment"])})
+    # As training runs: seeded, deterministic algorithms (which the pins interact with).
+    set_determinism(p.seed, p.threads)
+    stepper = Stepper.build(p, cpu, steps_per_epoch=1)  # scheduler "none": steps without end
+    x, y = _input(p.batch_size, cpu, p.channels_last), torch.arange(p.batch_size) % 2
+    timed(lambda: stepper.step(x, y), config["warmup"], 0, cpu)
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        seconds = timed(lambda: stepper.step(x, y), 0, steps, cpu)
+        print(steps * p.batch_size / seconds.sum(), flush=True)
+
+
+def compare_cpu_pins(p: TrainParams, steps: int, warmup: int, rounds: int) -> dict:
+    """Training images/s with the CPU numerics pins (PCAM_CPU_PINS=1) and without (=0).
+
+    Two worker processes, each started once, take turns, the order swapped every round (so a
+    drift over time favours neither); the cost (unpinned / pinned - 1: how much faster training
+    runs without the pins) is taken per round, then its median, as in `compare_loop_to_premade`.
+    """
+    p = dataclasses.replace(p, scheduler="none")  # the workers step without an end
+    config = json.dumps({"train": to_dict(p), "steps": steps, "warmup": warmup})
+    cmd = [sys.executable, "-m", "pcam.benchmark", "pins-worker", config]
+    arms = {
+        pins: subprocess.Popen(
+            cmd, env=_arm_env(pins), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for pins in (True, False)
+    }
+
+    def read(pins: bool) -> str:
+        line = arms[pins].stdout.readline()
+        if not line:
+            code = arms[pins].wait()
+            raise PcamError(
+                f"benchmark: the {PINS_ENV}={int(pins)} worker exited {code} (its error is above)"
+            )
+        return line
+
+    try:
+        for pins in arms:
+            read(pins)  # "ready": both warmed up
+        rates: dict[bool, list[float]] = {True: [], False: []}
+        for r in range(rounds):
+            for pins in (True, False) if r % 2 == 0 else (False, True):
+                arms[pins].stdin.write("go\n")
+                arms[pins].stdin.flush()
+                rates[pins].append(float(read(pins)))
+    finally:
+        for proc in arms.values():
+            try:
+                proc.communicate(timeout=60)  # closes its stdin: the worker's loop ends
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    pinned, unpinned = np.asarray(rates[True]), np.asarray(rates[False])
+    cost = unpinned / pinned - 1.0
+    return {
+        "pinned_images_per_s": float(np.median(pinned)),
+        "unpinned_images_per_s": float(np.median(unpinned)),
+        "cost": float(np.median(cost)),
+        "cost_min": float(cost.min()),
+        "cost_max": float(cost.max()),
+        "rounds": [
+            {"pinned_images_per_s": a, "unpinned_images_per_s": b}
+            for a, b in zip(rates[True], rates[False], strict=True)
+        ],
+        "steps_per_round": steps,
+        "batch_size": p.batch_size,
+    }
+
+
 def loader_ours(x_path: Path, n: int, batch_size: int, mean, std) -> Callable[[], None]:
     """Our path: n rows read in large contiguous slices into uint8, then normalised per batch."""
 
@@ -246,3 +383,12 @@ def loader_naive(x_path: Path, n: int, batch_size: int, workers: int, mean, std)
             pass
 
     return run
+
+
+if __name__ == "__main__":
+    # `python -m pcam.benchmark pins-worker CONFIG`: the worker processes of compare_cpu_pins
+    if len(sys.argv) != 3 or sys.argv[1] != "pins-worker":
+        sys.exit(
+            "usage: python -m pcam.benchmark pins-worker CONFIG_JSON (started by the benchmark)"
+        )
+    pins_worker(sys.argv[2])

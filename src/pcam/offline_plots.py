@@ -1,17 +1,18 @@
-"""An HTML template for `dvc plots show/diff` with Vega, Vega-Lite and vega-embed inlined.
+"""The HTML template `dvc plots show/diff` use, with Vega, Vega-Lite and vega-embed inlined.
 
 DVC's default plots page loads those libraries from cdn.jsdelivr.net, so it renders blank on an
-air-gapped cluster node. Build this template once where the npm registry is reachable (it is one
-self-contained file: copy it anywhere), then pass it to DVC:
+air-gapped cluster node. This project commits its own page template (TEMPLATE, one self-contained
+file) and names it in .dvc/config (`plots.html_template`), so plain `dvc plots show`, `dvc plots
+diff` and `make changes-report` write pages that draw without network. Rebuild it only to change
+the library versions (needs the npm registry once):
 
-    python -m pcam.offline_plots [--dir .cache/offline-plots]   # writes DIR/template.html
-    dvc plots diff --html-template .cache/offline-plots/template.html -o reports/plots-offline
-    make plots-offline                                           # both steps
-    dvc config --local plots.html_template "$PWD/.cache/offline-plots/template.html"  # always
+    python -m pcam.offline_plots            # = make plots-template; rewrites TEMPLATE
+    python -m pcam.offline_plots --check    # exit 1 if TEMPLATE differs from a fresh build
 
 `npm pack` fetches the exact versions DVC's own page uses (dvc-render's VegaRenderer), and every
 tarball's sha512 must equal the value pinned below before anything is read from it. Tarballs are
-kept in DIR (git-ignored), so a second build needs no network.
+kept in --cache-dir (git-ignored), so a second build needs no network. All three libraries are
+BSD-3-Clause: the page carries their copyright notices and licence (LICENCE_NOTE).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ LIBRARIES = (
     ),
 )
 
-DEFAULT_DIR = Path(".cache/offline-plots")
-TEMPLATE_NAME = "template.html"
+TEMPLATE = Path("vendor/dvc-plots-offline.html")  # .dvc/config: ../vendor/dvc-plots-offline.html
+CACHE_DIR = Path(".cache/offline-plots")
 # dvc-render fills these by plain text replacement, anywhere in the page: an inlined library that
 # contained one would be corrupted (and {scripts} would bring the CDN tags back).
 DVC_PLACEHOLDERS = ("{scripts}", "{plot_divs}", "{refresh_tag}")
@@ -76,7 +77,9 @@ PAGE = """<!DOCTYPE html>
     {refresh_tag}
     <meta charset="utf-8">
     <title>DVC Plot</title>
-    <!-- {versions}: inlined by pcam.offline_plots, so this page needs no network -->
+    <!-- {versions}: inlined by pcam.offline_plots, so this page needs no network.
+{licences}
+    -->
 {scripts_inline}
     <style>
         table {{
@@ -123,12 +126,28 @@ def fetch(lib: Library, dest: Path) -> Path:
     return tarball
 
 
-def read_script(tarball: Path, lib: Library) -> str:
+def _member_text(tarball: Path, name: str) -> str:
     with tarfile.open(tarball, "r:gz") as tar:
-        member = tar.extractfile(lib.member)
+        try:
+            member = tar.extractfile(name)
+        except KeyError:
+            member = None
         if member is None:
-            raise PcamError(f"{tarball}: no file {lib.member}")
-        code = member.read().decode("utf-8")
+            raise PcamError(f"{tarball}: no file {name}")
+        return member.read().decode("utf-8")
+
+
+def read_licence(tarball: Path, lib: Library) -> str:
+    """The package's LICENSE, to ship with its code (BSD-3-Clause asks for the notice)."""
+    text = _member_text(tarball, "package/LICENSE").strip()
+    if "BSD" not in text and "Redistribution and use" not in text:
+        raise PcamError(f"{tarball}: package/LICENSE is not the BSD licence this page relies on")
+    # Inside an HTML comment: "--" would end it early.
+    return f"{lib.name} {lib.version}:\n\n" + text.replace("--", "- -")
+
+
+def read_script(tarball: Path, lib: Library) -> str:
+    code = _member_text(tarball, lib.member)
     for placeholder in DVC_PLACEHOLDERS:
         if placeholder in code:
             raise PcamError(f"{tarball}:{lib.member} contains DVC's placeholder {placeholder}")
@@ -139,10 +158,19 @@ def read_script(tarball: Path, lib: Library) -> str:
     return re.sub(r"</(script)", r"<\\/\1", code, flags=re.IGNORECASE)
 
 
-def build_template(dest: Path) -> str:
-    scripts = []
+# The minified builds bundle their own dependencies (d3 modules: ISC; others: MIT, ISC, BSD-3),
+# whose notices are in each package's dependency list on npm; the builds carry no other notice.
+LICENCE_NOTE = (
+    "Each build below bundles its npm dependencies (permissive licences: BSD-3-Clause, ISC, MIT)."
+)
+
+
+def build_template(cache_dir: Path) -> str:
+    scripts, licences = [], [LICENCE_NOTE]
     for lib in LIBRARIES:
-        code = read_script(fetch(lib, dest), lib)
+        tarball = fetch(lib, cache_dir)
+        code = read_script(tarball, lib)
+        licences.append(read_licence(tarball, lib))
         scripts.append(f"    <script>/* {lib.name} {lib.version} */\n{code}\n    </script>")
     versions = ", ".join(f"{lib.name} {lib.version}" for lib in LIBRARIES)
     # str.format would trip over the braces in the JavaScript: insert the scripts last.
@@ -150,32 +178,35 @@ def build_template(dest: Path) -> str:
         refresh_tag="{refresh_tag}",
         plot_divs="{plot_divs}",
         versions=versions,
+        licences="\n\n".join(licences),
         scripts_inline="@@SCRIPTS@@",
     )
     return page.replace("@@SCRIPTS@@", "\n".join(scripts))
-
-
-def write_template(dest: Path) -> Path:
-    out = dest / TEMPLATE_NAME
-    html = build_template(dest)
-    write_text(out, html)
-    return out
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m pcam.offline_plots",
-        description="Build an HTML template for `dvc plots` that works without network.",
+        description="Build the HTML template for `dvc plots` that works without network.",
     )
+    parser.add_argument("--out", type=Path, default=TEMPLATE, help=f"default: {TEMPLATE}")
     parser.add_argument(
-        "--dir",
+        "--cache-dir",
         type=Path,
-        default=DEFAULT_DIR,
-        help=f"where the npm tarballs and {TEMPLATE_NAME} go (default: {DEFAULT_DIR})",
+        default=CACHE_DIR,
+        help=f"where the npm tarballs are kept (default: {CACHE_DIR})",
     )
+    parser.add_argument("--check", action="store_true", help="compare with --out, write nothing")
     args = parser.parse_args(argv)
-    print(write_template(args.dir))
+    html = build_template(args.cache_dir)
+    if args.check:
+        if not args.out.is_file() or args.out.read_text() != html:
+            raise PcamError(f"{args.out} differs from a fresh build: run make plots-template")
+        print(f"{args.out}: same as a fresh build")
+        return
+    write_text(args.out, html)
+    print(args.out)
 
 
 if __name__ == "__main__":

@@ -8,21 +8,25 @@
     make sweep-report / make changes-report        # the same, with the paths above
 
 `experiments` reads `dvc exp show --json` (HEAD, or `--rev`, and its experiments; `--input` reads a
-saved copy), groups the finished runs into configurations (every param except `train.seed`) and
-prints a markdown table of mean ± sample std over seeds. The champion is the configuration with the
-best mean on a *validation* metric: test metrics are shown, never used to choose, or the test split
-would leak into model selection.
+saved copy), groups the finished experiments into configurations (every param except `train.seed`)
+and prints a markdown table of mean ± sample std over seeds, best first. The champion is the
+configuration with the best mean on a *validation* metric, among the experiments only: the baseline
+commit is not part of the grid (it may have other params and is one run, not a mean over seeds), so
+it is shown apart, in its own table and as a dashed line in the plot. Test metrics are shown, never
+used to choose, or the test split would leak into model selection.
 
 `changes` writes markdown for a pull request: `dvc params diff`, `dvc metrics diff` and a link to the
 `dvc plots diff` page, comparing the workspace (or `--rev`) against `--base`.
 
 A metric KEY is `split.metric` in metrics/eval.json (`valid.roc_auc`) or `FILE:KEY` for another
-file (`metrics/train.json:final.val_loss`). Metrics stored as {value, ci_low, ci_high} read `value`.
+file (`metrics/train.json:best_val_loss`). Metrics stored as {value, ci_low, ci_high} (commits
+before metrics/eval.json held only the headline) read `value`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -65,6 +69,7 @@ class Run:
     rev: str
     params: dict[str, Any]  # flattened: "train.lr" (params.yaml) or "other.yaml:key"
     metrics: dict[str, Any]  # metrics file -> its parsed content
+    baseline: bool = False  # a commit, not an experiment: never part of the grid
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -77,7 +82,7 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tuple(node) if isinstance(node, list) else node}
 
 
-def _run_from_rev(entry: dict, name: str) -> Run | None:
+def _run_from_rev(entry: dict, name: str, baseline: bool) -> Run | None:
     data = entry.get("data")
     if entry.get("error") or not data or not data.get("metrics"):
         return None
@@ -93,14 +98,15 @@ def _run_from_rev(entry: dict, name: str) -> Run | None:
     }
     if not metrics:
         return None
-    return Run(name=name, rev=entry.get("rev", ""), params=params, metrics=metrics)
+    return Run(name, entry.get("rev", ""), params, metrics, baseline)
 
 
 def runs_from_exp_show(doc: list[dict]) -> tuple[list[Run], list[str]]:
     """Finished runs in `dvc exp show --json` output, and a note for every row left out.
 
     The workspace row is left out: it repeats the baseline or the last experiment run in place.
-    Queued, running and failed experiments have no (final) metrics and are left out too.
+    Queued, running and failed experiments have no (final) metrics and are left out too. Commits
+    come back with `baseline=True`.
     """
     runs: list[Run] = []
     notes: list[str] = []
@@ -108,7 +114,7 @@ def runs_from_exp_show(doc: list[dict]) -> tuple[list[Run], list[str]]:
         if commit.get("rev") == "workspace":
             continue
         label = commit.get("name") or commit.get("rev", "")[:7]
-        run = _run_from_rev(commit, label)
+        run = _run_from_rev(commit, label, baseline=True)
         if run is None:
             notes.append(f"baseline {label}: no metrics (not reproduced, or unreadable)")
         else:
@@ -120,7 +126,7 @@ def runs_from_exp_show(doc: list[dict]) -> tuple[list[Run], list[str]]:
             if state in ("queued", "running", "failed"):
                 notes.append(f"experiment {name}: {state}")
                 continue
-            run = _run_from_rev(revs[0], name) if revs else None
+            run = _run_from_rev(revs[0], name, baseline=False) if revs else None
             if run is None:
                 notes.append(f"experiment {name}: no metrics (failed or unreadable)")
             else:
@@ -131,8 +137,8 @@ def runs_from_exp_show(doc: list[dict]) -> tuple[list[Run], list[str]]:
 def dedupe(runs: list[Run]) -> tuple[list[Run], list[str]]:
     """One run per distinct params: the pipeline is deterministic, so a rerun is not a new sample.
 
-    Counting it twice would shrink the apparent spread and pull the mean towards it (e.g. the
-    baseline commit and an experiment queued with the baseline's lr and seed).
+    Counting it twice would shrink the apparent spread and pull the mean towards it (e.g. an
+    experiment queued twice with the same lr and seed).
     """
     kept: dict[str, Run] = {}
     notes = []
@@ -205,7 +211,7 @@ def drop_stale_metrics(runs: list[Run], read_lock) -> tuple[list[Run], list[str]
         if stale:
             notes.append(f"{run.name}: {', '.join(stale)} left out (its stage was not re-run)")
         metrics = {k: v for k, v in run.metrics.items() if k not in stale}
-        kept.append(Run(run.name, run.rev, run.params, metrics))
+        kept.append(dataclasses.replace(run, metrics=metrics))
     return kept, notes
 
 
@@ -240,7 +246,7 @@ def _lookup(node: Any, dotted: str) -> Any:
 def metric_value(run: Run, spec: str) -> float | None:
     path, key = split_metric(spec)
     value = _lookup(run.metrics.get(path), key)
-    if isinstance(value, dict):  # {value, ci_low, ci_high}
+    if isinstance(value, dict):  # {value, ci_low, ci_high}: older commits' metrics/eval.json
         value = value.get("value")
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         return None
@@ -347,6 +353,11 @@ def _fmt_stat(stat: Stat | None, n_runs: int | None = None) -> str:
     return f"{stat.mean:.4f} ± {spread}{fewer}"
 
 
+def _fmt_run_value(run: Run, spec: str) -> str:
+    value = metric_value(run, spec)
+    return "–" if value is None else f"{value:.4f}"
+
+
 def config_label(config: Config, varying: list[str]) -> str:
     if not varying:
         return "(all runs)"
@@ -359,7 +370,9 @@ def experiments_markdown(
     select: str,
     lower_is_better: bool = False,
     notes: list[str] | None = None,
+    baselines: list[Run] | None = None,
 ) -> str:
+    """The grid's table (best first, champion marked), then the baseline commits apart."""
     best = champion(configs, select, lower_is_better)
     varying = varying_params(configs)
     n_runs = sum(len(c.runs) for c in configs)
@@ -387,6 +400,20 @@ def experiments_markdown(
         f"**{config_label(best, varying)}** ({_fmt_stat(stat)}, n={stat.n}; runs: "
         f"{', '.join(r.name for r in best.runs)}). Test columns are reported, not used to choose.",
     ]
+    if baselines:
+        shown = [*varying, configs[0].seed_param]
+        head = ["baseline commit", *shown, *metrics]
+        lines += [
+            "",
+            "### Baseline, not part of the grid (one run each; not a champion candidate)",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
+        for run in baselines:
+            cells = [run.name, *(_fmt_value(run.params.get(k)) for k in shown)]
+            cells += [_fmt_run_value(run, m) for m in metrics]
+            lines.append("| " + " | ".join(cells) + " |")
     if len({tuple(map(str, c.seeds)) for c in configs}) > 1:
         lines.append(
             "Warning: configurations were run with different seeds; their means are not "
@@ -398,9 +425,14 @@ def experiments_markdown(
 
 
 def plot_experiments(
-    path: str | os.PathLike, configs: list[Config], metrics: list[str], best: Config
+    path: str | os.PathLike,
+    configs: list[Config],
+    metrics: list[str],
+    best: Config,
+    baselines: list[Run] | None = None,
 ) -> None:
-    """Each seed as a dot, mean ± std as an error bar, one panel per metric, champion starred."""
+    """Each seed as a dot, mean ± std as an error bar, one panel per metric, champion starred;
+    each baseline commit as a dashed line, apart from the grid."""
     import matplotlib.pyplot as plt  # after pcam.plots has chosen the Agg backend
 
     from pcam.plots import save_figure
@@ -421,11 +453,19 @@ def plot_experiments(
             if stat is not None:
                 err = 0.0 if math.isnan(stat.std) else stat.std
                 ax.errorbar(i, stat.mean, yerr=err, fmt="s", color="C0", capsize=4, zorder=2)
+        for k, run in enumerate(baselines or []):
+            value = metric_value(run, metric)
+            if value is not None:
+                ax.axhline(value, color=f"C{k + 1}", ls="--", lw=1, label=f"baseline {run.name}")
+        if baselines and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
         ax.set_title(metric, fontsize=10)
         ax.set_xticks(range(len(configs)), labels, rotation=30, ha="right", fontsize=8)
         ax.set_xlim(-0.5, len(configs) - 0.5)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("mean ± std over seeds (dots: single runs)", fontsize=10)
+    fig.suptitle(
+        "mean ± std over seeds (dots: single runs; dashed: baseline, not in the grid)", fontsize=10
+    )
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -548,17 +588,24 @@ def cmd_experiments(args: argparse.Namespace) -> None:
         for r in empty
         if not any(n.startswith(f"{r.name}: ") for n in notes)  # already said why
     ]
-    runs, merged = dedupe([r for r in runs if r not in empty])
-    if not runs:
-        raise PcamError(f"no finished run has any of {', '.join(metrics)} in `dvc exp show`")
-    configs = group_configs(runs, args.seed_param)
-    text = experiments_markdown(configs, metrics, args.select, args.lower_is_better, notes + merged)
+    runs = [r for r in runs if r not in empty]
+    baselines = [r for r in runs if r.baseline]
+    grid, merged = dedupe([r for r in runs if not r.baseline])
+    if not grid:
+        raise PcamError(
+            f"no finished experiment has any of {', '.join(metrics)} in `dvc exp show` (the "
+            "baseline commit is not a sweep): run `make sweep sweep-run` first"
+        )
+    configs = group_configs(grid, args.seed_param)
+    text = experiments_markdown(
+        configs, metrics, args.select, args.lower_is_better, notes + merged, baselines
+    )
     print(text, end="", flush=True)  # before the plot line on stderr
     if args.out:
         write_text(args.out, text)
     if args.plot:
         ordered = ranked(configs, args.select, args.lower_is_better)
-        plot_experiments(args.plot, ordered, metrics, best=ordered[0])  # = champion()
+        plot_experiments(args.plot, ordered, metrics, ordered[0], baselines)  # [0]: champion()
         print(f"plot: {args.plot}", file=sys.stderr)
 
 
@@ -596,7 +643,11 @@ def main(argv: list[str] | None = None) -> None:
     ch.add_argument("--rev", help="git revision to report on (default: the workspace)")
     ch.add_argument("--out", type=Path, default=Path("reports/changes.md"), help="- for stdout")
     ch.add_argument("--plots-dir", type=Path, default=Path("reports/plots"))
-    ch.add_argument("--html-template", type=Path, help="e.g. the offline one (make plots-offline)")
+    ch.add_argument(
+        "--html-template",
+        type=Path,
+        help="another `dvc plots` page template (default: .dvc/config's plots.html_template)",
+    )
     ch.set_defaults(func=cmd_changes)
 
     args = parser.parse_args(argv)

@@ -77,7 +77,7 @@ class Gallery:
 @dataclass(frozen=True)
 class ValidationResult:
     exclusions: dict  # data/validated/exclusions.json
-    report: dict  # metrics/data.json
+    report: dict  # metrics/details/data.json (the headline counts: metrics/data.json)
     galleries: dict[str, Gallery]  # one per reason, possibly empty
     warnings: list[str]  # failed checks set to "warn" (validate.label_checks), one line each
 
