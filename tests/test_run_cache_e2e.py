@@ -6,7 +6,7 @@
   restorable; `PCAM_RESUME=1 dvc repro` continues from the checkpoint in .cache/checkpoints/ and
   ends with the bytes of an uninterrupted run, each step once in dvclive's TSVs.
 
-Both tests start from a copy of one reproduced repo (prepare..train run once per module).
+The tests start from copies of one reproduced repo (prepare..train run once per module).
 """
 
 from __future__ import annotations
@@ -174,3 +174,10 @@ def test_resume_after_sigterm_gives_the_uninterrupted_bytes(repo, tmp_path, monk
     assert "epoch 1/2" in uninterrupted.stdout and "resuming" not in uninterrupted.stdout
     assert files_under(repo, TRAIN_OUTPUTS) == after_resume
     assert yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"] == train_lock
+
+
+def test_runcache_push_outside_a_dvc_repo_is_one_line(tmp_path):
+    proc = run([sys.executable, "-m", "pcam.runcache", "push"], tmp_path, check=False)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("error: dvc: you are not inside of a DVC repository"), line
