@@ -20,7 +20,18 @@ from pathlib import Path
 import pytest
 
 from pcam.checkpoint import load_checkpoint
-from tests.e2e import TINY, copy_repo, dvc, env, free_port, run, set_params
+from tests.e2e import (
+    TINY,
+    alive,
+    children,
+    copy_repo,
+    dvc,
+    env,
+    free_port,
+    run,
+    set_params,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -121,36 +132,6 @@ def test_failed_experiment_gives_back_train_metrics(repo):
 
 
 # --- killing dvc ends the stage ------------------------------------------------------------
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie waiting for init to reap it has ended)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def wait_for(condition, timeout_s: float, what: str) -> float:
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        time.sleep(0.1)
-    return time.monotonic() - start
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])

@@ -249,3 +249,33 @@ def test_remote_check_without_a_default_remote_says_how_to_set_one(tmp_path):
     assert out.returncode != 0
     assert "remote-check: no default DVC remote: `dvc remote default --local gcs`" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_pushed_run_cache_restores_an_uncommitted_experiment_in_a_fresh_clone(
+    pushed_repo, gcs_endpoint, tmp_path
+):
+    """An experiment nobody committed or `exp push`ed: after `python -m pcam.runcache push`, a
+    teammate's `dvc pull --run-cache` and the same `dvc exp run --pull` restore train, not rerun it."""
+    repo, origin = pushed_repo
+    dvc(["exp", "run", "-S", "train.lr=0.005", "train"], repo)
+    trained = {rel: md5(repo / rel) for rel in ("models/model.pt", "metrics/train.json")}
+    metrics_object = f"{PREFIX}/files/md5/{trained['metrics/train.json'][:2]}/"
+    metrics_object += trained["metrics/train.json"][2:]
+    dvc(["push", "--run-cache"], repo)
+    assert any(name.startswith(f"{PREFIX}/runs/") for name in remote_objects(gcs_endpoint))
+    # Why pcam.runcache: DVC pushed the run records, not the cache: false metrics they name.
+    assert metrics_object not in remote_objects(gcs_endpoint)
+    out = run([sys.executable, "-m", "pcam.runcache", "push"], repo)
+    assert "run records pushed" in out.stdout, out.stdout
+    assert metrics_object in remote_objects(gcs_endpoint)
+
+    clone = fresh_clone(origin, tmp_path / "clone", repo)
+    dvc(["pull", "--run-cache"], clone)
+    start = time.monotonic()
+    out = dvc(["exp", "run", "--pull", "-S", "train.lr=0.005", "train"], clone)
+    print(
+        f"fresh clone: train restored from the pushed run-cache in {time.monotonic() - start:.1f} s"
+    )
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in out.stdout, out.stdout
+    assert "epoch 1/" not in out.stdout + out.stderr
+    assert {rel: md5(clone / rel) for rel in trained} == trained

@@ -119,7 +119,9 @@ def test_sigterm_mid_epoch_then_resume_is_byte_identical(tmp_path, splits, sched
     assert not partial.exists()  # removed once the model is written
 
 
-def test_dvclive_logs_of_an_interrupted_run_match_an_uninterrupted_one(tmp_path, splits):
+# Step 2: inside epoch 1, before the first summary; step 6: inside epoch 2.
+@pytest.mark.parametrize("stop_step", [2, 6])
+def test_dvclive_logs_of_an_interrupted_run_match_an_uninterrupted_one(tmp_path, splits, stop_step):
     from dvclive import Live
 
     p = params()  # 80 patches in batches of 16: 5 steps per epoch, 2 epochs
@@ -148,7 +150,7 @@ def test_dvclive_logs_of_an_interrupted_run_match_an_uninterrupted_one(tmp_path,
     class Interrupting(Live):
         def log_metric(self, name, *args, **kwargs):
             super().log_metric(name, *args, **kwargs)
-            if name == "train/lr" and self.step == 6:  # the 7th step, inside epoch 2
+            if name == "train/lr" and self.step == stop_step:
                 os.kill(os.getpid(), signal.SIGTERM)
 
     live = Interrupting(dir=live_dir, dvcyaml=False, save_dvc_exp=False)
@@ -166,6 +168,8 @@ def test_dvclive_logs_of_an_interrupted_run_match_an_uninterrupted_one(tmp_path,
         del os.environ[RESUME_ENV]
     live.end()
     assert logs(tmp_path / "part") == expected
+    summary = (tmp_path / "part" / "metrics.json").read_bytes()
+    assert summary == (tmp_path / "whole" / "metrics.json").read_bytes()
     assert md5(tmp_path / "part.pt") == md5(tmp_path / "whole.pt")
 
 

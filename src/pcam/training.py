@@ -318,7 +318,9 @@ def _replay(live, prog: Progress) -> None:
         live.step = row["step"]
         for key in ("loss", "roc_auc", "f2"):
             live.log_metric(f"val/{key}", row[f"val_{key}"])
-    if prog.steps:
+    # A summary only from an epoch end on, as the uninterrupted run writes it: its keys then come
+    # in the same order (train, val, step), so dvclive/metrics.json gets the same bytes.
+    if prog.history:
         live.make_summary()
 
 
