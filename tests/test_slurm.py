@@ -46,7 +46,19 @@ pytestmark = pytest.mark.slurm
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 SBIN = "/usr/sbin:/sbin"
 CPU, GPU = "thin_course", "gpu_course"
-N_GPUS = 8  # fake ones: enough for every GPU job of the flow at once
+# Preemption: a job in URGENT (higher PriorityTier) requeues one in PREEMPTIBLE that holds the
+# CPUs it needs, after GRACE_S; the course partitions are never preempted.
+PREEMPTIBLE, URGENT = "preemptible", "urgent"
+GRACE_S = 5
+N_CPUS = 32
+# scancel arguments of the ways a SIGTERM stops a job; "preempted": by a job in URGENT.
+STOP_WAYS = {
+    "term_full": ["--signal=TERM", "--full"],  # the batch shell and all its processes
+    "term_batch": ["--signal=TERM", "--batch"],  # the batch shell alone
+    "preempted": [],
+    "cancelled": [],  # a plain scancel: SIGTERM to all, the job ends for good
+}
+N_GPUS = 16  # fake ones: enough for every GPU job of the flow at once
 # Long enough that training still runs when the time-limit signal comes (the first scheduler
 # check after the job starts: within 30 s), short enough to keep the flow near two minutes.
 EPOCHS = 60
@@ -109,6 +121,7 @@ class Job:
     exit_code: str
     stdout: str
     array_task: str | None
+    array_job: str | None
 
     @classmethod
     def parse(cls, line: str) -> Job:
@@ -124,6 +137,7 @@ class Job:
             get("ExitCode") or "",
             get("StdOut") or "",
             get("ArrayTaskId"),
+            get("ArrayJobId"),
         )
 
     @property
@@ -202,7 +216,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={socket_path}
+# cred_expire: how long a requeued job waits before it may start again (default 120 s).
+AuthInfo=socket={socket_path},cred_expire=10
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
 SlurmctldPidFile={r}/slurmctld.pid
@@ -228,9 +243,13 @@ ReturnToService=2
 # Keep finished jobs in `scontrol show job` for the checks.
 MinJobAge=600
 KillWait=10
-NodeName=pcam-node NodeHostname={host} NodeAddr=127.0.0.1 CPUs=32 RealMemory=64000 Gres=gpu:{N_GPUS} State=UNKNOWN
-PartitionName={CPU} Nodes=pcam-node Default=YES MaxTime=INFINITE State=UP
-PartitionName={GPU} Nodes=pcam-node MaxTime=INFINITE State=UP
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+NodeName=pcam-node NodeHostname={host} NodeAddr=127.0.0.1 CPUs={N_CPUS} RealMemory=64000 Gres=gpu:{N_GPUS} State=UNKNOWN
+PartitionName={CPU} Nodes=pcam-node Default=YES MaxTime=INFINITE State=UP PreemptMode=OFF
+PartitionName={GPU} Nodes=pcam-node MaxTime=INFINITE State=UP PreemptMode=OFF
+PartitionName={PREEMPTIBLE} Nodes=pcam-node MaxTime=INFINITE State=UP GraceTime={GRACE_S}
+PartitionName={URGENT} Nodes=pcam-node MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 """
         )
         (r / "gres.conf").write_text(f"NodeName=pcam-node Name=gpu File={r}/gpu[0-{N_GPUS - 1}]\n")
@@ -297,7 +316,10 @@ PartitionName={GPU} Nodes=pcam-node MaxTime=INFINITE State=UP
         # `sbatch --wait` polls slowly (and blocks one job at a time): poll scontrol instead.
         deadline = time.monotonic() + timeout_s
         while True:
-            jobs = {j: self.jobs(j) for j in job_ids}
+            # One scontrol call for all jobs: a poll stays well under a second.
+            out = self.run(["scontrol", "show", "job", "-o"]).stdout
+            every = [Job.parse(line) for line in out.splitlines() if "JobId=" in line]
+            jobs = {j: [t for t in every if j in (t.job_id, t.array_job)] for j in job_ids}
             if on_poll is not None:
                 on_poll(jobs)
             if all(t.done for tasks in jobs.values() for t in tasks):
@@ -353,6 +375,19 @@ def daemon_lines(job_id: str, limit: int = 60) -> str:
 
 
 @dataclass
+class Stopped:
+    """A job stopped mid-training, the uninterrupted twin's params (sweep task 1): how it was
+    stopped, and what the test saw while it was down."""
+
+    name: str  # its experiment's name
+    job: Job | None = None
+    stopped: bool = False
+    # The checkpoint in the job's state directory after its first run had ended (or None).
+    checkpoint_between_runs: dict | None = None
+    resubmitted: Job | None = None  # the cancelled job, submitted again with PCAM_STATE_KEY
+
+
+@dataclass
 class Flow:
     repo: Path
     cache: Path
@@ -365,6 +400,13 @@ class Flow:
     broken: Job
     bench_cpu: Job
     bench_gpu: Job
+    stopped: dict[str, Stopped]  # by how: term_full, term_batch, preempted, cancelled
+
+
+def training_runs(job: Job) -> bool:
+    """Whether the job's (current) run has finished an epoch and trains on."""
+    run_log = job.log().rpartition("restart ")[2]
+    return re.search(r"^epoch \d+/\d+:", run_log, re.MULTILINE) is not None
 
 
 @pytest.fixture(scope="module")
@@ -396,15 +438,14 @@ def flow(slurm, tmp_path_factory) -> Flow:
         repo, "repro_gpu.sbatch", options=["--time=2", "--signal=B:USR1@115"], **e
     )
     prepare_id = slurm.sbatch(repo, "prepare_data.sbatch", **e)
-    resumed = set()
+    extended = set()
 
     def extend_requeued(jobs: dict[str, list[Job]]) -> None:
-        # The second run should not hit the tiny test limit again; and a requeued job is held
-        # for about two minutes (cred_expire) before it may start: release it now.
+        # The second run should not hit the tiny test limit again.
         (job,) = jobs[repro_id] if repro_id in jobs else slurm.jobs(repro_id)
-        if job.restarts > 0 and job.state == "PENDING" and job.restarts not in resumed:
-            slurm.run(["scontrol", "update", f"JobId={repro_id}", "TimeLimit=10", "StartTime=now"])
-            resumed.add(job.restarts)
+        if job.restarts > 0 and job.state == "PENDING" and job.restarts not in extended:
+            slurm.run(["scontrol", "update", f"JobId={repro_id}", "TimeLimit=10"])
+            extended.add(job.restarts)
 
     (prepare,) = slurm.wait([prepare_id], 180, extend_requeued)[prepare_id]
     assert_completed(prepare)
@@ -424,8 +465,52 @@ def flow(slurm, tmp_path_factory) -> Flow:
         repo, "benchmark_cpu.sbatch", "-S", "benchmark.repeats=2", options=after_repro, **e
     )
     gpu_id = slurm.sbatch(repo, "benchmark_gpu.sbatch", options=after_repro, **e)
-    all_ids = [repro_id, sweep_id, exp_id, broken_id, cpu_id, gpu_id]
-    jobs = slurm.wait(all_ids, 420, extend_requeued)
+
+    # Four twins of sweep task 1, stopped by SIGTERM while they train, in the ways SIGTERM comes.
+    # The preemptible one holds 20 of the node's 32 CPUs; the urgent job needs 20 too, so it
+    # preempts it (and nothing else: the course partitions are not preemptible).
+    twin_args = ("-S", "train.seed=0", "train")
+    stopped = {how: Stopped(f"stopped-{how}") for how in STOP_WAYS}
+    ids: dict[str, str] = {}
+    for how, st in stopped.items():
+        options = ["-p", PREEMPTIBLE, "--cpus-per-task=20"] if how == "preempted" else []
+        ids[how] = slurm.sbatch(
+            repo, "exp_gpu.sbatch", "-n", st.name, *twin_args, options=options, **e
+        )
+    state_dir = repo / "slurm" / "state"
+
+    def stop_while_training(jobs: dict[str, list[Job]]) -> None:
+        extend_requeued(jobs)
+        for how, st in stopped.items():
+            (job,) = jobs[ids[how]]
+            if not st.stopped and job.state == "RUNNING" and training_runs(job):
+                st.stopped = True
+                if how == "preempted":
+                    urgent = ["-p", URGENT, "--cpus-per-task=20", "-o", str(base / "urgent.out")]
+                    slurm.run(["sbatch", *urgent, "--wrap", "sleep 1"])
+                else:
+                    slurm.run(["scancel", *STOP_WAYS[how], job.job_id])
+            ended = (job.restarts > 0 and job.state == "PENDING") or job.state == "CANCELLED"
+            checkpoint = state_dir / job.job_id / "checkpoints" / "train.pt"
+            if st.stopped and ended and st.checkpoint_between_runs is None and checkpoint.is_file():
+                st.checkpoint_between_runs = load_checkpoint(checkpoint)
+
+    all_ids = [repro_id, sweep_id, exp_id, broken_id, cpu_id, gpu_id, *ids.values()]
+    jobs = slurm.wait(all_ids, 600, stop_while_training)
+    for how, st in stopped.items():
+        (st.job,) = jobs[ids[how]]
+    # A cancelled job stays cancelled; submitted again under its key, it resumes.
+    cancelled = stopped["cancelled"]
+    again = slurm.sbatch(
+        repo,
+        "exp_gpu.sbatch",
+        "-n",
+        cancelled.name,
+        *twin_args,
+        PCAM_STATE_KEY=cancelled.job.job_id,
+        **e,
+    )
+    (cancelled.resubmitted,) = slurm.wait([again], 300)[again]
     sweep = sorted(jobs[sweep_id], key=lambda j: int(j.array_task or 0))
     return Flow(
         repo,
@@ -439,6 +524,7 @@ def flow(slurm, tmp_path_factory) -> Flow:
         jobs[broken_id][0],
         jobs[cpu_id][0],
         jobs[gpu_id][0],
+        stopped,
     )
 
 
@@ -483,13 +569,11 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_identically(
     assert job.restarts >= 1, "the job was never requeued"
     log = job.log()
     first, _, rest = log.partition("restart 1")
-    assert "SIGUSR1: the time limit is near" in first
+    assert "SIGUSR1: asking the training to checkpoint" in first
     assert "forwarded SIGUSR1 to PID" in first
     assert "exited with 75" in first  # the training's "checkpointed, try again later"
-    assert "checkpoint parked" in first and f"requeueing job {job.job_id}" in first
-    assert "restored the parked checkpoint" in rest
-    assert re.search(r"train: resuming from models/model.pt at epoch \d+, batch \d+", rest)
-    assert f"epoch {EPOCHS}/{EPOCHS}:" in rest
+    assert "the checkpoint is kept in" in first and f"requeueing job {job.job_id}" in first
+    assert_resumed(rest, job.job_id)
     # The final checkpoint (dvc.lock copied back; the model in the shared cache) is finished.
     resumed = load_checkpoint(cached(flow, model_md5((flow.repo / "dvc.lock").read_text())))
     assert resumed["progress"]["finished"] and resumed["progress"]["epoch"] == EPOCHS
@@ -505,6 +589,88 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_identically(
     assert (tmp_path / "resumed.pt").read_bytes() == (tmp_path / "twin.pt").read_bytes()
     # A finished job leaves nothing parked.
     assert not (flow.repo / "slurm" / "state" / job.job_id).exists()
+
+
+def assert_resumed(run_log: str, key: str) -> None:
+    """The log of a run that resumed from the job's checkpoint and trained to the end."""
+    checkpoint = f"slurm/state/{key}/checkpoints/train.pt"
+    assert "checkpoint found in" in run_log and "PCAM_RESUME=1" in run_log, run_log[-3000:]
+    assert re.search(rf"train: resuming from \S*{checkpoint} at epoch \d+, batch \d+", run_log)
+    assert f"epoch {EPOCHS}/{EPOCHS}:" in run_log
+
+
+def train_results(repo: Path, name: str) -> dict[str, str]:
+    """What an experiment's training produced: the hashes dvc.lock records for its cached
+    outputs (model.pt, dvclive/metrics.json) and the git blobs of metrics/train.json, dvclive/."""
+    lock = yaml.safe_load(exp_file(repo, name, "dvc.lock"))
+    outs = {o["path"]: o["md5"] for o in lock["stages"]["train"]["outs"]}
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo).stdout.split()
+    (ref,) = [r for r in refs if r.endswith("/" + name)]
+    tree = run(["git", "ls-tree", "-r", ref, "--", "metrics/train.json", "dvclive"], repo).stdout
+    blobs = {line.split("\t")[1]: line.split()[2] for line in tree.splitlines()}
+    assert "metrics/train.json" in blobs and any(p.startswith("dvclive/") for p in blobs), tree
+    return outs | blobs
+
+
+def assert_twin(flow: Flow, stopped: Stopped) -> None:
+    """Stopped, resumed and finished, its training equals the uninterrupted twin's, byte for
+    byte: model, metrics, DVCLive's per-step rows; and its state directory is gone."""
+    ckpt = stopped.checkpoint_between_runs
+    assert ckpt is not None, "no checkpoint in the job's state directory after its first run"
+    assert not ckpt["progress"]["finished"] and ckpt["progress"]["step"] > 0
+    assert_completed(flow.sweep[0])
+    twin = train_results(flow.repo, f"pcam-sweep-{flow.sweep_id}_1")
+    assert train_results(flow.repo, stopped.name) == twin
+    assert not (flow.repo / "slurm" / "state" / stopped.job.job_id).exists()
+
+
+@pytest.mark.parametrize("how", ["term_full", "term_batch"])
+def test_scancel_sigterm_checkpoints_requeues_and_resumes_identically(flow, experiments, how):
+    # scancel --signal=TERM --full: the shell, dvc and the training all get SIGTERM; dvc dies.
+    # --batch: the shell alone; the supervisor passes SIGTERM on to the training.
+    stopped = flow.stopped[how]
+    job = stopped.job
+    assert_completed(job)
+    assert job.restarts >= 1, f"the job was never requeued\n{job.log()[-4000:]}"
+    first, _, rest = job.log().partition("restart 1")
+    assert "SIGTERM: asking the training to checkpoint" in first
+    assert "train: stopped by SIGTERM" in first
+    if how == "term_batch":
+        assert "forwarded SIGTERM to PID" in first
+    assert f"requeueing job {job.job_id}" in first
+    assert_resumed(rest, job.job_id)
+    assert_twin(flow, stopped)
+
+
+def test_preemption_requeues_and_resumes_identically(flow, experiments):
+    # A job in the urgent partition preempts this one (PreemptMode=REQUEUE, GraceTime): SIGTERM
+    # to every process of the job, SIGKILL KillWait s later; Slurm requeues it.
+    stopped = flow.stopped["preempted"]
+    job = stopped.job
+    assert_completed(job)
+    assert job.restarts >= 1, f"the job was never preempted\n{job.log()[-4000:]}"
+    first, _, rest = job.log().partition("restart 1")
+    assert "DUE TO PREEMPTION" in first
+    assert "train: stopped by SIGTERM" in first
+    assert f"Slurm requeues job {job.job_id} itself (preempted)" in first
+    assert "scontrol requeue" not in first and "requeueing job" not in first
+    assert_resumed(rest, job.job_id)
+    assert_twin(flow, stopped)
+
+
+def test_plain_scancel_ends_the_job_and_a_resubmission_resumes(flow, experiments):
+    # `scancel JOBID`: the user wants the job gone; the checkpoint stays, and the job resumes
+    # when submitted again with PCAM_STATE_KEY=JOBID.
+    stopped = flow.stopped["cancelled"]
+    job = stopped.job
+    assert job.state == "CANCELLED", job
+    log = job.log()
+    assert "train: stopped by SIGTERM" in log
+    assert f"PCAM_STATE_KEY={job.job_id} to resume" in log
+    assert "requeueing job" not in log
+    assert_completed(stopped.resubmitted)
+    assert_resumed(stopped.resubmitted.log(), job.job_id)
+    assert_twin(flow, stopped)
 
 
 def test_sweep_array_gives_one_experiment_per_grid_line(flow, experiments):
