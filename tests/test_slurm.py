@@ -2,8 +2,9 @@
 
 A session fixture installs Slurm and MUNGE from Debian when they are absent (needs root), writes a
 one-node cluster with the course cluster's partitions (thin_course: CPU, the default; gpu_course:
-fake GPUs), starts munged, slurmctld and slurmd, and stops them by PID at the end. If the
-scheduler cannot start, the tests fail with the reason.
+fake GPUs) and two more for preemption (preemptible, urgent: partition_prio, REQUEUE, GraceTime),
+starts munged, slurmctld and slurmd, and stops them by PID at the end. If the scheduler cannot
+start, the tests fail with the reason.
 
 The jobs run the real scripts on a temporary git copy of this repo (tiny data, CPU training, one
 thread), with a bare git origin and a local DVC remote and shared cache, as a user on the cluster
@@ -12,6 +13,10 @@ would have. One flow, timed to stay short, checks:
   - repro_gpu under a two-minute limit with --signal=B:USR1@115: the signal comes, the training
     checkpoints and exits 75, the job requeues itself, resumes, finishes; its model is
     byte-identical to an uninterrupted run of the same params (a sweep task);
+  - SIGTERM while training, by `scancel --signal=TERM --full`, by `--batch`, by preemption and by a
+    plain `scancel` (then a resubmission under the job's key): the checkpoint outlives the run in
+    the job's state directory, the job is requeued (by itself, or by Slurm) and resumes; model,
+    metrics and DVCLive rows are byte-identical to an uninterrupted twin's;
   - sweep_array: every grid line becomes an experiment in `dvc exp show` after `dvc exp pull`;
     a task beyond the grid fails with a message;
   - exp_gpu: one named experiment; benchmark_cpu/gpu: one throughput-table row per partition.
@@ -58,6 +63,8 @@ STOP_WAYS = {
     "preempted": [],
     "cancelled": [],  # a plain scancel: SIGTERM to all, the job ends for good
 }
+# Their uninterrupted twin, an experiment; fewer epochs than EPOCHS: five trainings fewer to run.
+STOP_TWIN, STOP_EPOCHS = "stop-twin", 20
 N_GPUS = 16  # fake ones: enough for every GPU job of the flow at once
 # Long enough that training still runs when the time-limit signal comes (the first scheduler
 # check after the job starts: within 30 s), short enough to keep the flow near two minutes.
@@ -242,7 +249,11 @@ MpiDefault=none
 ReturnToService=2
 # Keep finished jobs in `scontrol show job` for the checks.
 MinJobAge=600
-KillWait=10
+# SIGTERM to SIGKILL: Slurm's default (30 s) leaves a stopped job time to checkpoint and say so
+# on this shared 2-core machine, too.
+KillWait=30
+# Pending jobs (requeued ones too) are looked at every 5 s, not 60 s.
+SchedulerParameters=sched_interval=5,bf_interval=5
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 NodeName=pcam-node NodeHostname={host} NodeAddr=127.0.0.1 CPUs={N_CPUS} RealMemory=64000 Gres=gpu:{N_GPUS} State=UNKNOWN
@@ -376,8 +387,7 @@ def daemon_lines(job_id: str, limit: int = 60) -> str:
 
 @dataclass
 class Stopped:
-    """A job stopped mid-training, the uninterrupted twin's params (sweep task 1): how it was
-    stopped, and what the test saw while it was down."""
+    """A job stopped mid-training (STOP_TWIN's params), and what the test saw while it was down."""
 
     name: str  # its experiment's name
     job: Job | None = None
@@ -400,6 +410,7 @@ class Flow:
     broken: Job
     bench_cpu: Job
     bench_gpu: Job
+    stop_twin: Job  # uninterrupted, the params of the stopped ones
     stopped: dict[str, Stopped]  # by how: term_full, term_batch, preempted, cancelled
 
 
@@ -466,10 +477,12 @@ def flow(slurm, tmp_path_factory) -> Flow:
     )
     gpu_id = slurm.sbatch(repo, "benchmark_gpu.sbatch", options=after_repro, **e)
 
-    # Four twins of sweep task 1, stopped by SIGTERM while they train, in the ways SIGTERM comes.
-    # The preemptible one holds 20 of the node's 32 CPUs; the urgent job needs 20 too, so it
-    # preempts it (and nothing else: the course partitions are not preemptible).
-    twin_args = ("-S", "train.seed=0", "train")
+    # Stopped by SIGTERM while they train, in the four ways SIGTERM comes, and resumed: four
+    # twins of one uninterrupted run. The preemptible one holds 20 of the node's 32 CPUs; the
+    # urgent job needs 20 too, so it preempts it (and nothing else: the course partitions are
+    # not preemptible).
+    twin_args = ("-S", "train.seed=0", "-S", f"train.epochs={STOP_EPOCHS}", "train")
+    twin_id = slurm.sbatch(repo, "exp_gpu.sbatch", "-n", STOP_TWIN, *twin_args, **e)
     stopped = {how: Stopped(f"stopped-{how}") for how in STOP_WAYS}
     ids: dict[str, str] = {}
     for how, st in stopped.items():
@@ -478,6 +491,8 @@ def flow(slurm, tmp_path_factory) -> Flow:
             repo, "exp_gpu.sbatch", "-n", st.name, *twin_args, options=options, **e
         )
     state_dir = repo / "slurm" / "state"
+    cancelled = stopped["cancelled"]
+    resubmitted: list[str] = []
 
     def stop_while_training(jobs: dict[str, list[Job]]) -> None:
         extend_requeued(jobs)
@@ -494,23 +509,27 @@ def flow(slurm, tmp_path_factory) -> Flow:
             checkpoint = state_dir / job.job_id / "checkpoints" / "train.pt"
             if st.stopped and ended and st.checkpoint_between_runs is None and checkpoint.is_file():
                 st.checkpoint_between_runs = load_checkpoint(checkpoint)
+        # A cancelled job stays cancelled; submitted again under its key, it resumes.
+        (job,) = jobs[ids["cancelled"]]
+        if job.state == "CANCELLED" and not resubmitted:
+            resubmitted.append(
+                slurm.sbatch(
+                    repo,
+                    "exp_gpu.sbatch",
+                    "-n",
+                    cancelled.name,
+                    *twin_args,
+                    PCAM_STATE_KEY=job.job_id,
+                    **e,
+                )
+            )
 
-    all_ids = [repro_id, sweep_id, exp_id, broken_id, cpu_id, gpu_id, *ids.values()]
+    all_ids = [repro_id, sweep_id, exp_id, broken_id, cpu_id, gpu_id, twin_id, *ids.values()]
     jobs = slurm.wait(all_ids, 600, stop_while_training)
     for how, st in stopped.items():
         (st.job,) = jobs[ids[how]]
-    # A cancelled job stays cancelled; submitted again under its key, it resumes.
-    cancelled = stopped["cancelled"]
-    again = slurm.sbatch(
-        repo,
-        "exp_gpu.sbatch",
-        "-n",
-        cancelled.name,
-        *twin_args,
-        PCAM_STATE_KEY=cancelled.job.job_id,
-        **e,
-    )
-    (cancelled.resubmitted,) = slurm.wait([again], 300)[again]
+    assert resubmitted, f"job {cancelled.job.job_id} was not cancelled: {cancelled.job}"
+    (cancelled.resubmitted,) = slurm.wait(resubmitted, 300)[resubmitted[0]]
     sweep = sorted(jobs[sweep_id], key=lambda j: int(j.array_task or 0))
     return Flow(
         repo,
@@ -524,6 +543,7 @@ def flow(slurm, tmp_path_factory) -> Flow:
         jobs[broken_id][0],
         jobs[cpu_id][0],
         jobs[gpu_id][0],
+        jobs[twin_id][0],
         stopped,
     )
 
@@ -591,12 +611,12 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_identically(
     assert not (flow.repo / "slurm" / "state" / job.job_id).exists()
 
 
-def assert_resumed(run_log: str, key: str) -> None:
+def assert_resumed(run_log: str, key: str, epochs: int = EPOCHS) -> None:
     """The log of a run that resumed from the job's checkpoint and trained to the end."""
     checkpoint = f"slurm/state/{key}/checkpoints/train.pt"
     assert "checkpoint found in" in run_log and "PCAM_RESUME=1" in run_log, run_log[-3000:]
     assert re.search(rf"train: resuming from \S*{checkpoint} at epoch \d+, batch \d+", run_log)
-    assert f"epoch {EPOCHS}/{EPOCHS}:" in run_log
+    assert f"epoch {epochs}/{epochs}:" in run_log
 
 
 def train_results(repo: Path, name: str) -> dict[str, str]:
@@ -618,9 +638,8 @@ def assert_twin(flow: Flow, stopped: Stopped) -> None:
     ckpt = stopped.checkpoint_between_runs
     assert ckpt is not None, "no checkpoint in the job's state directory after its first run"
     assert not ckpt["progress"]["finished"] and ckpt["progress"]["step"] > 0
-    assert_completed(flow.sweep[0])
-    twin = train_results(flow.repo, f"pcam-sweep-{flow.sweep_id}_1")
-    assert train_results(flow.repo, stopped.name) == twin
+    assert_completed(flow.stop_twin)
+    assert train_results(flow.repo, stopped.name) == train_results(flow.repo, STOP_TWIN)
     assert not (flow.repo / "slurm" / "state" / stopped.job.job_id).exists()
 
 
@@ -638,7 +657,7 @@ def test_scancel_sigterm_checkpoints_requeues_and_resumes_identically(flow, expe
     if how == "term_batch":
         assert "forwarded SIGTERM to PID" in first
     assert f"requeueing job {job.job_id}" in first
-    assert_resumed(rest, job.job_id)
+    assert_resumed(rest, job.job_id, STOP_EPOCHS)
     assert_twin(flow, stopped)
 
 
@@ -654,7 +673,7 @@ def test_preemption_requeues_and_resumes_identically(flow, experiments):
     assert "train: stopped by SIGTERM" in first
     assert f"Slurm requeues job {job.job_id} itself (preempted)" in first
     assert "scontrol requeue" not in first and "requeueing job" not in first
-    assert_resumed(rest, job.job_id)
+    assert_resumed(rest, job.job_id, STOP_EPOCHS)
     assert_twin(flow, stopped)
 
 
@@ -669,7 +688,7 @@ def test_plain_scancel_ends_the_job_and_a_resubmission_resumes(flow, experiments
     assert f"PCAM_STATE_KEY={job.job_id} to resume" in log
     assert "requeueing job" not in log
     assert_completed(stopped.resubmitted)
-    assert_resumed(stopped.resubmitted.log(), job.job_id)
+    assert_resumed(stopped.resubmitted.log(), job.job_id, STOP_EPOCHS)
     assert_twin(flow, stopped)
 
 
