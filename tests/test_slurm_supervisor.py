@@ -87,6 +87,9 @@ def test_without_a_stop_the_command_status_passes_through(tmp_path):
     cmd = [sys.executable, "-m", "pcam.slurm", "run", "--stop-file", str(tmp_path / "stop")]
     proc = subprocess.run([*cmd, "--", "sh", "-c", "exit 3"], env=env(), capture_output=True)
     assert proc.returncode == 3
+    proc = subprocess.run([*cmd, "--", "no-such-dvc"], env=env(), capture_output=True, text=True)
+    assert proc.returncode == 127 and "cannot run no-such-dvc" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize(

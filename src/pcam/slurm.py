@@ -105,7 +105,11 @@ def supervise(cmd: list[str], stop_file: Path) -> int:
     received: list[signal.Signals] = []
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, _frame: received.append(signal.Signals(signum)))
-    child = os.posix_spawnp(cmd[0], cmd, os.environ)
+    try:
+        child = os.posix_spawnp(cmd[0], cmd, os.environ)
+    except OSError as err:
+        log(f"ERROR: cannot run {cmd[0]}: {err.strerror}")
+        return 127
     status: int | None = None
     stop: signal.Signals | None = None
     told: dict[int, str] = {}  # PID -> command line, of the processes told to stop
