@@ -6,10 +6,13 @@
 #   - a private working copy (pcam_workspace): a git clone in node-local $TMPDIR that uses the
 #     checkout's DVC cache and remotes. Parallel jobs therefore never share DVC's repository lock,
 #     and training reads real copies of the data on local disk (cache.type reflink,copy);
-#   - the time-limit protocol (pcam_run + pcam_requeue_if_interrupted): `--signal=B:USR1@N`
-#     wakes this shell, which forwards SIGUSR1 to the training; training checkpoints and exits 75;
-#     the checkpoint is parked on shared storage and the job requeues itself; the next run
-#     restores the checkpoint and resumes with PCAM_RESUME=1, to a byte-identical result.
+#   - the stop protocol (pcam_run + pcam_requeue_if_interrupted): SIGUSR1 before a time limit
+#     (`--signal=B:USR1@N`) or SIGTERM (preemption, scancel) makes the training checkpoint and
+#     exit 75. The checkpoint is written straight to the job's state directory on shared
+#     storage ($PCAM_CHECKPOINT_DIR), so it outlives the job's node-local working copy. The job
+#     requeues itself (a preempted job is requeued by Slurm); the next run resumes from the
+#     checkpoint with PCAM_RESUME=1, to a byte-identical result. Who gets which signal, and why
+#     a supervisor runs the pipeline command: src/pcam/slurm.py.
 #
 # Settings, all optional environment variables (sbatch passes the submitting shell's environment):
 #   PCAM_REPO        the checkout jobs start from (default: the directory sbatch was run in)
@@ -20,8 +23,9 @@
 #                    experiments are pushed to (default: origin)
 #   PCAM_DVC_PUSH    1 (default) pushes outputs to the default DVC remote; 0 leaves them in the
 #                    DVC cache only (compute nodes without internet, with a shared cache)
-#   PCAM_STATE_DIR   shared directory for parked checkpoints (default: $PCAM_REPO/slurm/state)
-#   PCAM_STATE_KEY   resume what an earlier job parked: its job id (array task: JOBID_TASKID)
+#   PCAM_STATE_DIR   shared directory for the jobs' checkpoints (default: $PCAM_REPO/slurm/state)
+#   PCAM_STATE_KEY   resume what an earlier job left (cancelled, or not requeueable): its job id
+#                    (array task: JOBID_TASKID)
 #   PCAM_KEEP_WORK   1 keeps the job's working copy after the job, for debugging
 
 set -euo pipefail
@@ -36,23 +40,35 @@ PCAM_REPO=$(cd "${PCAM_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" && pwd -P)
 if [[ ! -f $PCAM_REPO/dvc.yaml ]] || ! git -C "$PCAM_REPO" rev-parse --git-dir >/dev/null 2>&1; then
 	pcam_die "$PCAM_REPO is not a pcam-pipeline checkout: run sbatch from its root or set PCAM_REPO"
 fi
-# The key under which a job parks its checkpoint. A requeued job keeps its id, so it finds it again.
+# The key of a job's state directory (its checkpoint). A requeued job keeps its id: it finds it again.
 PCAM_KEY=${PCAM_STATE_KEY:-${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID:-}}}
 PCAM_KEY=${PCAM_KEY:-${SLURM_JOB_ID:-local-$$}}
 PCAM_STATE=${PCAM_STATE_DIR:-$PCAM_REPO/slurm/state}/$PCAM_KEY
+# The training writes its checkpoint there, on shared storage; `pcam_done` removes it.
+export PCAM_CHECKPOINT_DIR=$PCAM_STATE/checkpoints
 PCAM_WORK=""
-PCAM_STOP=0   # set by the SIGUSR1 trap: the time limit is near
+PCAM_STOP=""  # the stop signal's name, once one came: SIGUSR1 (time limit) or SIGTERM
 PCAM_TRAPS=0  # counts trapped signals, so pcam_run can tell an interrupted `wait` from a result
-PCAM_TOLD=" " # PIDs that were already sent SIGUSR1
 # DVC's usage analytics would phone home from every job; unbuffered Python keeps the log in order.
 export DVC_NO_ANALYTICS=1 PYTHONUNBUFFERED=1
 
-pcam_on_usr1() {
+# Without a TERM trap, bash would die at once, and the job would end (and Slurm kill the
+# training) in the middle of the checkpoint write.
+pcam_on_signal() {
 	PCAM_TRAPS=$((PCAM_TRAPS + 1))
-	((PCAM_STOP)) || pcam_log "SIGUSR1: the time limit is near; asking the training to checkpoint"
-	PCAM_STOP=1
+	[[ -n $PCAM_STOP ]] || pcam_log "$1: asking the training to checkpoint and stop"
+	PCAM_STOP=${PCAM_STOP:-$1}
+	pcam_tell_stop
 }
-trap pcam_on_usr1 USR1
+trap 'pcam_on_signal SIGUSR1' USR1
+trap 'pcam_on_signal SIGTERM' TERM
+
+# The supervisor of pcam_run reads the stop from this file (no signal to race its start).
+pcam_tell_stop() {
+	if [[ -n $PCAM_STOP && -d $PCAM_WORK ]]; then
+		echo "$PCAM_STOP" >"$PCAM_WORK/stop" || true
+	fi
+}
 
 pcam_cleanup() {
 	if [[ -n $PCAM_WORK && ${PCAM_KEEP_WORK:-0} != 1 ]]; then
@@ -152,22 +168,15 @@ PY
 	ln -sfn "$PCAM_REPO/.cache" .cache
 	echo /.cache >>.git/info/exclude
 	pcam_log "working copy $PWD at $(git rev-parse --short HEAD), DVC cache $cache"
-	pcam_restore_checkpoint
+	if pcam_has_checkpoint; then
+		# The training rewrites dvclive/ from the checkpoint itself.
+		export PCAM_RESUME=1
+		pcam_log "checkpoint found in $PCAM_CHECKPOINT_DIR; training resumes from it (PCAM_RESUME=1)"
+	fi
 }
 
-pcam_restore_checkpoint() {
-	if [[ -f $PCAM_STATE/model.pt ]]; then
-		mkdir -p models
-		cp "$PCAM_STATE/model.pt" models/model.pt
-		if [[ -d $PCAM_STATE/dvclive ]]; then
-			rm -rf dvclive
-			cp -r "$PCAM_STATE/dvclive" dvclive
-		fi
-		export PCAM_RESUME=1
-		pcam_log "restored the parked checkpoint; training resumes from it (PCAM_RESUME=1)"
-	elif ((${SLURM_RESTART_COUNT:-0} > 0)); then
-		export PCAM_RESUME=1
-	fi
+pcam_has_checkpoint() {
+	compgen -G "$PCAM_CHECKPOINT_DIR/*.pt" >/dev/null
 }
 
 # Fails early when train.devices asks for more GPUs than the job has (a DDP run would only fail
@@ -191,54 +200,15 @@ pcam_check_devices() {
 	pcam_log "train.devices=$devices, train.device=$device, GPUs allocated: $gpus"
 }
 
-# PIDs of all processes below $1.
-pcam_descendants() {
-	local pid
-	for pid in $(ps -o pid= --ppid "$1" 2>/dev/null || true); do
-		echo "$pid"
-		pcam_descendants "$pid"
-	done
-}
-
-# Whether process $1 has a handler for SIGUSR1 (bit 10 of SigCgt). Only the training installs
-# one; SIGUSR1's default action would kill any other process (dvc, or a training that is still
-# importing torch), so those are never signalled.
-pcam_catches_usr1() {
-	local mask
-	mask=$(awk '/^SigCgt:/ {print $2}' "/proc/$1/status" 2>/dev/null) || return 1
-	[[ -n $mask ]] && (((16#$mask >> 9) & 1))
-}
-
-pcam_forward_usr1() {
-	local pid cmd
-	for pid in $(pcam_descendants "$1"); do
-		[[ $PCAM_TOLD == *" $pid "* ]] && continue
-		if pcam_catches_usr1 "$pid"; then
-			cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-100) || true
-			if kill -USR1 "$pid" 2>/dev/null; then
-				PCAM_TOLD+="$pid "
-				pcam_log "forwarded SIGUSR1 to PID $pid ($cmd)"
-			fi
-		fi
-	done
-}
-
-# pcam_run CMD...: runs CMD in the background and returns its exit status. In the background,
-# because bash runs a trap only between foreground commands: `wait` returns as soon as SIGUSR1
-# arrives. After SIGUSR1 it keeps forwarding the signal to every process of CMD that has a
-# handler for it, also to a training that starts or installs its handler only later.
+# pcam_run CMD...: runs CMD under the stop supervisor (src/pcam/slurm.py) and returns its exit
+# status. In the background, because bash runs a trap only between foreground commands: `wait`
+# returns as soon as a signal arrives, and the trap passes the stop on.
 pcam_run() {
 	local child status traps
-	"$@" &
+	pcam_tell_stop
+	python -m pcam.slurm run --stop-file "$PCAM_WORK/stop" -- "$@" &
 	child=$!
 	while :; do
-		if ((PCAM_STOP)); then
-			pcam_forward_usr1 "$child"
-			if kill -0 "$child" 2>/dev/null; then
-				sleep 1
-				continue
-			fi
-		fi
 		traps=$PCAM_TRAPS
 		status=0
 		wait "$child" || status=$?
@@ -249,30 +219,22 @@ pcam_run() {
 	return "$status"
 }
 
-# After a failed pipeline command: when the failure is the training stopping for the time limit,
-# park the checkpoint on shared storage, requeue this job and end this run. Otherwise return.
+# After a failed pipeline command: when the failure is the stop after SIGUSR1/SIGTERM, requeue
+# this job (or let Slurm, or say how to resume) and end this run. Otherwise return.
 pcam_requeue_if_interrupted() {
 	local status=$1
-	((status != 0 && PCAM_STOP)) || return 0
-	if [[ -f models/model.pt ]]; then
-		# Copied to a temporary name and renamed: a job killed while copying leaves no torn file.
-		cp models/model.pt "$PCAM_STATE/model.pt.tmp"
-		mv "$PCAM_STATE/model.pt.tmp" "$PCAM_STATE/model.pt"
-		if [[ -d dvclive ]]; then
-			rm -rf "$PCAM_STATE/dvclive"
-			cp -r dvclive "$PCAM_STATE/dvclive"
-		fi
-		pcam_log "training stopped for the time limit; checkpoint parked in $PCAM_STATE"
+	((status != 0)) && [[ -n $PCAM_STOP ]] || return 0
+	if pcam_has_checkpoint; then
+		pcam_log "stopped by $PCAM_STOP; the checkpoint is kept in $PCAM_CHECKPOINT_DIR"
 	else
-		pcam_log "stopped for the time limit before training wrote a checkpoint"
+		pcam_log "stopped by $PCAM_STOP before training wrote a checkpoint"
 	fi
 	[[ -n ${SLURM_JOB_ID:-} ]] || pcam_die "not a SLURM job: resume with PCAM_STATE_KEY=$PCAM_KEY"
-	pcam_log "requeueing job $SLURM_JOB_ID; the next run resumes from the checkpoint"
-	# Slurm ends this run right after the requeue: the working copy goes first.
+	# Slurm ends this run right after a requeue (and SIGKILLs it KillWait s after SIGTERM): the
+	# working copy goes first.
 	pcam_cleanup
 	PCAM_WORK=""
-	scontrol requeue "$SLURM_JOB_ID" ||
-		pcam_die "scontrol requeue failed; resubmit with --export=ALL,PCAM_STATE_KEY=$PCAM_KEY to resume"
+	python -m pcam.slurm requeue "$SLURM_JOB_ID" "$PCAM_KEY" || exit 1
 	exit 0
 }
 

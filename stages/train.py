@@ -6,8 +6,9 @@ provenance.
 
 Run by DVC (`dvc repro train`, `dvc exp run -S train.lr=1e-4`). On SIGTERM/SIGUSR1 (SLURM's
 warning before a time limit, preemption, scancel) it saves a checkpoint to
-.cache/checkpoints/train.pt and exits 75; run again with PCAM_RESUME=1 to continue where it
-stopped, with identical results. models/model.pt is written only when training finishes.
+.cache/checkpoints/train.pt (or $PCAM_CHECKPOINT_DIR/train.pt) and exits 75; run again with
+PCAM_RESUME=1 to continue where it stopped, with identical results. models/model.pt is written
+only when training finishes.
 
 Multi-process: with train.devices > 1 this script spawns that many DistributedDataParallel
 ranks itself (gloo on CPU, nccl on GPU); under `torchrun` or `srun` (WORLD_SIZE and RANK set)
@@ -44,7 +45,9 @@ EXCLUSIONS = Path("data/validated/exclusions.json")
 STATS = Path("data/stats.json")
 MODEL = Path("models/model.pt")
 # The resumable state: outside DVC's outputs (DVC deletes those before a run) and git-ignored.
-CHECKPOINT = Path(".cache/checkpoints/train.pt")
+# $PCAM_CHECKPOINT_DIR puts it elsewhere: SLURM jobs keep it on shared storage, one directory per
+# job, where it outlives the job's node-local working copy (slurm/common.sh).
+CHECKPOINT = Path(os.environ.get("PCAM_CHECKPOINT_DIR") or ".cache/checkpoints") / "train.pt"
 METRICS = Path("metrics/train.json")
 DETAILS = Path("metrics/details/train.json")
 LIVE_DIR = Path("dvclive")

@@ -2,8 +2,9 @@
 
 A session fixture installs Slurm and MUNGE from Debian when they are absent (needs root), writes a
 one-node cluster with the course cluster's partitions (thin_course: CPU, the default; gpu_course:
-fake GPUs), starts munged, slurmctld and slurmd, and stops them by PID at the end. If the
-scheduler cannot start, the tests fail with the reason.
+fake GPUs) and two more for preemption (preemptible, urgent: partition_prio, PreemptMode=REQUEUE),
+starts munged, slurmctld and slurmd, and stops them by PID at the end. If the scheduler cannot
+start, the tests fail with the reason.
 
 The jobs run the real scripts on a temporary git copy of this repo (tiny data, CPU training, one
 thread), with a bare git origin and a local DVC remote and shared cache, as a user on the cluster
@@ -12,6 +13,10 @@ would have. One flow, timed to stay short, checks:
   - repro_gpu under a two-minute limit with --signal=B:USR1@115: the signal comes, the training
     checkpoints and exits 75, the job requeues itself, resumes, finishes; its model is
     byte-identical to an uninterrupted run of the same params (a sweep task);
+  - SIGTERM while training, by `scancel --signal=TERM --full`, by `--batch`, by preemption and by a
+    plain `scancel` (then a resubmission under the job's key): the checkpoint outlives the run in
+    the job's state directory, the job is requeued (by itself, or by Slurm) and resumes; model,
+    metrics and DVCLive rows are byte-identical to an uninterrupted twin's;
   - sweep_array: every grid line becomes an experiment in `dvc exp show` after `dvc exp pull`;
     a task beyond the grid fails with a message;
   - exp_gpu: one named experiment; benchmark_cpu/gpu: one throughput-table row per partition.
@@ -46,7 +51,23 @@ pytestmark = pytest.mark.slurm
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 SBIN = "/usr/sbin:/sbin"
 CPU, GPU = "thin_course", "gpu_course"
-N_GPUS = 8  # fake ones: enough for every GPU job of the flow at once
+# Preemption: a job in URGENT (higher PriorityTier) requeues one in PREEMPTIBLE that holds the
+# CPUs it needs; the course partitions are never preempted. GraceTime stays 0 (Slurm's default):
+# a grace only delays the end, and slurmctld ends it on its 30-s timer, which would make the test
+# depend on the training's speed. (During a grace, Slurm 22.05 signals job steps only: a batch
+# job without srun steps gets nothing before the SIGTERM that ends it, as without a grace.)
+PREEMPTIBLE, URGENT = "preemptible", "urgent"
+N_CPUS = 32
+# scancel arguments of the ways a SIGTERM stops a job; "preempted": by a job in URGENT.
+STOP_WAYS = {
+    "term_full": ["--signal=TERM", "--full"],  # the batch shell and all its processes
+    "term_batch": ["--signal=TERM", "--batch"],  # the batch shell alone
+    "preempted": [],
+    "cancelled": [],  # a plain scancel: SIGTERM to all, the job ends for good
+}
+# Their uninterrupted twin, an experiment; fewer epochs than EPOCHS: five trainings fewer to run.
+STOP_TWIN, STOP_EPOCHS = "stop-twin", 20
+N_GPUS = 16  # fake ones: enough for every GPU job of the flow at once
 # Long enough that training still runs when the time-limit signal comes (the first scheduler
 # check after the job starts: within 30 s), short enough to keep the flow near two minutes.
 EPOCHS = 60
@@ -109,6 +130,7 @@ class Job:
     exit_code: str
     stdout: str
     array_task: str | None
+    array_job: str | None
 
     @classmethod
     def parse(cls, line: str) -> Job:
@@ -124,6 +146,7 @@ class Job:
             get("ExitCode") or "",
             get("StdOut") or "",
             get("ArrayTaskId"),
+            get("ArrayJobId"),
         )
 
     @property
@@ -202,7 +225,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={socket_path}
+# cred_expire: how long a requeued job waits before it may start again (default 120 s).
+AuthInfo=socket={socket_path},cred_expire=10
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
 SlurmctldPidFile={r}/slurmctld.pid
@@ -227,10 +251,18 @@ MpiDefault=none
 ReturnToService=2
 # Keep finished jobs in `scontrol show job` for the checks.
 MinJobAge=600
-KillWait=10
-NodeName=pcam-node NodeHostname={host} NodeAddr=127.0.0.1 CPUs=32 RealMemory=64000 Gres=gpu:{N_GPUS} State=UNKNOWN
-PartitionName={CPU} Nodes=pcam-node Default=YES MaxTime=INFINITE State=UP
-PartitionName={GPU} Nodes=pcam-node MaxTime=INFINITE State=UP
+# SIGTERM to SIGKILL: Slurm's default (30 s) leaves a stopped job time to checkpoint and say so
+# on this shared 2-core machine, too.
+KillWait=30
+# Pending jobs (requeued ones too) are looked at every 5 s, not 60 s.
+SchedulerParameters=sched_interval=5,bf_interval=5
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+NodeName=pcam-node NodeHostname={host} NodeAddr=127.0.0.1 CPUs={N_CPUS} RealMemory=64000 Gres=gpu:{N_GPUS} State=UNKNOWN
+PartitionName={CPU} Nodes=pcam-node Default=YES MaxTime=INFINITE State=UP PreemptMode=OFF
+PartitionName={GPU} Nodes=pcam-node MaxTime=INFINITE State=UP PreemptMode=OFF
+PartitionName={PREEMPTIBLE} Nodes=pcam-node MaxTime=INFINITE State=UP
+PartitionName={URGENT} Nodes=pcam-node MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 """
         )
         (r / "gres.conf").write_text(f"NodeName=pcam-node Name=gpu File={r}/gpu[0-{N_GPUS - 1}]\n")
@@ -297,7 +329,10 @@ PartitionName={GPU} Nodes=pcam-node MaxTime=INFINITE State=UP
         # `sbatch --wait` polls slowly (and blocks one job at a time): poll scontrol instead.
         deadline = time.monotonic() + timeout_s
         while True:
-            jobs = {j: self.jobs(j) for j in job_ids}
+            # One scontrol call for all jobs: a poll stays well under a second.
+            out = self.run(["scontrol", "show", "job", "-o"]).stdout
+            every = [Job.parse(line) for line in out.splitlines() if "JobId=" in line]
+            jobs = {j: [t for t in every if j in (t.job_id, t.array_job)] for j in job_ids}
             if on_poll is not None:
                 on_poll(jobs)
             if all(t.done for tasks in jobs.values() for t in tasks):
@@ -353,6 +388,18 @@ def daemon_lines(job_id: str, limit: int = 60) -> str:
 
 
 @dataclass
+class Stopped:
+    """A job stopped mid-training (STOP_TWIN's params), and what the test saw while it was down."""
+
+    name: str  # its experiment's name
+    job: Job | None = None
+    stopped: bool = False
+    # The checkpoint in the job's state directory after its first run had ended (or None).
+    checkpoint_between_runs: dict | None = None
+    resubmitted: Job | None = None  # the cancelled job, submitted again with PCAM_STATE_KEY
+
+
+@dataclass
 class Flow:
     repo: Path
     cache: Path
@@ -365,6 +412,14 @@ class Flow:
     broken: Job
     bench_cpu: Job
     bench_gpu: Job
+    stop_twin: Job  # uninterrupted, the params of the stopped ones
+    stopped: dict[str, Stopped]  # by how: term_full, term_batch, preempted, cancelled
+
+
+def training_runs(job: Job) -> bool:
+    """Whether the job's (current) run has finished an epoch and trains on."""
+    run_log = job.log().rpartition("restart ")[2]
+    return re.search(r"^epoch \d+/\d+:", run_log, re.MULTILINE) is not None
 
 
 @pytest.fixture(scope="module")
@@ -396,15 +451,14 @@ def flow(slurm, tmp_path_factory) -> Flow:
         repo, "repro_gpu.sbatch", options=["--time=2", "--signal=B:USR1@115"], **e
     )
     prepare_id = slurm.sbatch(repo, "prepare_data.sbatch", **e)
-    resumed = set()
+    extended = set()
 
     def extend_requeued(jobs: dict[str, list[Job]]) -> None:
-        # The second run should not hit the tiny test limit again; and a requeued job is held
-        # for about two minutes (cred_expire) before it may start: release it now.
+        # The second run should not hit the tiny test limit again.
         (job,) = jobs[repro_id] if repro_id in jobs else slurm.jobs(repro_id)
-        if job.restarts > 0 and job.state == "PENDING" and job.restarts not in resumed:
-            slurm.run(["scontrol", "update", f"JobId={repro_id}", "TimeLimit=10", "StartTime=now"])
-            resumed.add(job.restarts)
+        if job.restarts > 0 and job.state == "PENDING" and job.restarts not in extended:
+            slurm.run(["scontrol", "update", f"JobId={repro_id}", "TimeLimit=10"])
+            extended.add(job.restarts)
 
     (prepare,) = slurm.wait([prepare_id], 180, extend_requeued)[prepare_id]
     assert_completed(prepare)
@@ -424,8 +478,60 @@ def flow(slurm, tmp_path_factory) -> Flow:
         repo, "benchmark_cpu.sbatch", "-S", "benchmark.repeats=2", options=after_repro, **e
     )
     gpu_id = slurm.sbatch(repo, "benchmark_gpu.sbatch", options=after_repro, **e)
-    all_ids = [repro_id, sweep_id, exp_id, broken_id, cpu_id, gpu_id]
-    jobs = slurm.wait(all_ids, 420, extend_requeued)
+
+    # Stopped by SIGTERM while they train, in the four ways SIGTERM comes, and resumed: four
+    # twins of one uninterrupted run. The preemptible one holds 20 of the node's 32 CPUs; the
+    # urgent job needs 20 too, so it preempts it (and nothing else: the course partitions are
+    # not preemptible).
+    twin_args = ("-S", "train.seed=0", "-S", f"train.epochs={STOP_EPOCHS}", "train")
+    twin_id = slurm.sbatch(repo, "exp_gpu.sbatch", "-n", STOP_TWIN, *twin_args, **e)
+    stopped = {how: Stopped(f"stopped-{how}") for how in STOP_WAYS}
+    ids: dict[str, str] = {}
+    for how, st in stopped.items():
+        options = ["-p", PREEMPTIBLE, "--cpus-per-task=20"] if how == "preempted" else []
+        ids[how] = slurm.sbatch(
+            repo, "exp_gpu.sbatch", "-n", st.name, *twin_args, options=options, **e
+        )
+    state_dir = repo / "slurm" / "state"
+    cancelled = stopped["cancelled"]
+    resubmitted: list[str] = []
+
+    def stop_while_training(jobs: dict[str, list[Job]]) -> None:
+        extend_requeued(jobs)
+        for how, st in stopped.items():
+            (job,) = jobs[ids[how]]
+            if not st.stopped and job.state == "RUNNING" and training_runs(job):
+                st.stopped = True
+                if how == "preempted":
+                    urgent = ["-p", URGENT, "--cpus-per-task=20", "-o", str(base / "urgent.out")]
+                    slurm.run(["sbatch", *urgent, "--wrap", "sleep 1"])
+                else:
+                    slurm.run(["scancel", *STOP_WAYS[how], job.job_id])
+            ended = (job.restarts > 0 and job.state == "PENDING") or job.state == "CANCELLED"
+            checkpoint = state_dir / job.job_id / "checkpoints" / "train.pt"
+            if st.stopped and ended and st.checkpoint_between_runs is None and checkpoint.is_file():
+                st.checkpoint_between_runs = load_checkpoint(checkpoint)
+        # A cancelled job stays cancelled; submitted again under its key, it resumes.
+        (job,) = jobs[ids["cancelled"]]
+        if job.state == "CANCELLED" and not resubmitted:
+            resubmitted.append(
+                slurm.sbatch(
+                    repo,
+                    "exp_gpu.sbatch",
+                    "-n",
+                    cancelled.name,
+                    *twin_args,
+                    PCAM_STATE_KEY=job.job_id,
+                    **e,
+                )
+            )
+
+    all_ids = [repro_id, sweep_id, exp_id, broken_id, cpu_id, gpu_id, twin_id, *ids.values()]
+    jobs = slurm.wait(all_ids, 600, stop_while_training)
+    for how, st in stopped.items():
+        (st.job,) = jobs[ids[how]]
+    assert resubmitted, f"job {cancelled.job.job_id} was not cancelled: {cancelled.job}"
+    (cancelled.resubmitted,) = slurm.wait(resubmitted, 300)[resubmitted[0]]
     sweep = sorted(jobs[sweep_id], key=lambda j: int(j.array_task or 0))
     return Flow(
         repo,
@@ -439,6 +545,8 @@ def flow(slurm, tmp_path_factory) -> Flow:
         jobs[broken_id][0],
         jobs[cpu_id][0],
         jobs[gpu_id][0],
+        jobs[twin_id][0],
+        stopped,
     )
 
 
@@ -483,13 +591,11 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_identically(
     assert job.restarts >= 1, "the job was never requeued"
     log = job.log()
     first, _, rest = log.partition("restart 1")
-    assert "SIGUSR1: the time limit is near" in first
+    assert "SIGUSR1: asking the training to checkpoint" in first
     assert "forwarded SIGUSR1 to PID" in first
     assert "exited with 75" in first  # the training's "checkpointed, try again later"
-    assert "checkpoint parked" in first and f"requeueing job {job.job_id}" in first
-    assert "restored the parked checkpoint" in rest
-    assert re.search(r"train: resuming from models/model.pt at epoch \d+, batch \d+", rest)
-    assert f"epoch {EPOCHS}/{EPOCHS}:" in rest
+    assert "the checkpoint is kept in" in first and f"requeueing job {job.job_id}" in first
+    assert_resumed(rest, job.job_id)
     # The final checkpoint (dvc.lock copied back; the model in the shared cache) is finished.
     resumed = load_checkpoint(cached(flow, model_md5((flow.repo / "dvc.lock").read_text())))
     assert resumed["progress"]["finished"] and resumed["progress"]["epoch"] == EPOCHS
@@ -505,6 +611,87 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_identically(
     assert (tmp_path / "resumed.pt").read_bytes() == (tmp_path / "twin.pt").read_bytes()
     # A finished job leaves nothing parked.
     assert not (flow.repo / "slurm" / "state" / job.job_id).exists()
+
+
+def assert_resumed(run_log: str, key: str, epochs: int = EPOCHS) -> None:
+    """The log of a run that resumed from the job's checkpoint and trained to the end."""
+    checkpoint = f"slurm/state/{key}/checkpoints/train.pt"
+    assert "checkpoint found in" in run_log and "PCAM_RESUME=1" in run_log, run_log[-3000:]
+    assert re.search(rf"train: resuming from \S*{checkpoint} at epoch \d+, batch \d+", run_log)
+    assert f"epoch {epochs}/{epochs}:" in run_log
+
+
+def train_results(repo: Path, name: str) -> dict[str, str]:
+    """What an experiment's training produced: the hashes dvc.lock records for its cached
+    outputs (model.pt, dvclive/metrics.json) and the git blobs of metrics/train.json, dvclive/."""
+    lock = yaml.safe_load(exp_file(repo, name, "dvc.lock"))
+    outs = {o["path"]: o["md5"] for o in lock["stages"]["train"]["outs"]}
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo).stdout.split()
+    (ref,) = [r for r in refs if r.endswith("/" + name)]
+    tree = run(["git", "ls-tree", "-r", ref, "--", "metrics/train.json", "dvclive"], repo).stdout
+    blobs = {line.split("\t")[1]: line.split()[2] for line in tree.splitlines()}
+    assert "metrics/train.json" in blobs and any(p.startswith("dvclive/") for p in blobs), tree
+    return outs | blobs
+
+
+def assert_twin(flow: Flow, stopped: Stopped) -> None:
+    """Stopped, resumed and finished, its training equals the uninterrupted twin's, byte for
+    byte: model, metrics, DVCLive's per-step rows; and its state directory is gone."""
+    ckpt = stopped.checkpoint_between_runs
+    assert ckpt is not None, "no checkpoint in the job's state directory after its first run"
+    assert not ckpt["progress"]["finished"] and ckpt["progress"]["step"] > 0
+    assert_completed(flow.stop_twin)
+    assert train_results(flow.repo, stopped.name) == train_results(flow.repo, STOP_TWIN)
+    assert not (flow.repo / "slurm" / "state" / stopped.job.job_id).exists()
+
+
+@pytest.mark.parametrize("how", ["term_full", "term_batch"])
+def test_scancel_sigterm_checkpoints_requeues_and_resumes_identically(flow, experiments, how):
+    # scancel --signal=TERM --full: the shell, dvc and the training all get SIGTERM; dvc dies.
+    # --batch: the shell alone; the supervisor passes SIGTERM on to the training.
+    stopped = flow.stopped[how]
+    job = stopped.job
+    assert_completed(job)
+    assert job.restarts >= 1, f"the job was never requeued\n{job.log()[-4000:]}"
+    first, _, rest = job.log().partition("restart 1")
+    assert "SIGTERM: asking the training to checkpoint" in first
+    assert "train: stopped by SIGTERM" in first
+    if how == "term_batch":
+        assert "forwarded SIGTERM to PID" in first
+    assert f"requeueing job {job.job_id}" in first
+    assert_resumed(rest, job.job_id, STOP_EPOCHS)
+    assert_twin(flow, stopped)
+
+
+def test_preemption_requeues_and_resumes_identically(flow, experiments):
+    # A job in the urgent partition preempts this one (PreemptMode=REQUEUE): SIGTERM
+    # to every process of the job, SIGKILL KillWait s later; Slurm requeues it.
+    stopped = flow.stopped["preempted"]
+    job = stopped.job
+    assert_completed(job)
+    assert job.restarts >= 1, f"the job was never preempted\n{job.log()[-4000:]}"
+    first, _, rest = job.log().partition("restart 1")
+    assert "DUE TO PREEMPTION" in first
+    assert "train: stopped by SIGTERM" in first
+    assert f"Slurm requeues job {job.job_id} itself (preempted)" in first
+    assert "scontrol requeue" not in first and "requeueing job" not in first
+    assert_resumed(rest, job.job_id, STOP_EPOCHS)
+    assert_twin(flow, stopped)
+
+
+def test_plain_scancel_ends_the_job_and_a_resubmission_resumes(flow, experiments):
+    # `scancel JOBID`: the user wants the job gone; the checkpoint stays, and the job resumes
+    # when submitted again with PCAM_STATE_KEY=JOBID.
+    stopped = flow.stopped["cancelled"]
+    job = stopped.job
+    assert job.state == "CANCELLED", job
+    log = job.log()
+    assert "train: stopped by SIGTERM" in log
+    assert f"PCAM_STATE_KEY={job.job_id} to resume" in log
+    assert "requeueing job" not in log
+    assert_completed(stopped.resubmitted)
+    assert_resumed(stopped.resubmitted.log(), job.job_id, STOP_EPOCHS)
+    assert_twin(flow, stopped)
 
 
 def test_sweep_array_gives_one_experiment_per_grid_line(flow, experiments):

@@ -1,0 +1,122 @@
+"""pcam.slurm without a cluster: the stop supervisor on real process trees, the requeue decision
+on a stand-in `scontrol`. (tests/test_slurm.py runs both inside real Slurm jobs.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import env
+
+# A training stand-in: handles SIGTERM/SIGUSR1 like stages/train.py (finish the step, write the
+# checkpoint, exit 75), taking a second to "checkpoint" so that a supervisor returning early shows.
+TRAINING = textwrap.dedent(
+    """\
+    import signal, sys, time
+    from pathlib import Path
+
+    out = Path(sys.argv[1])
+    got = []
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, lambda n, f: got.append(signal.Signals(n).name))
+    Path(str(out) + ".ready").touch()
+    while not got:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    out.write_text(got[0])
+    sys.exit(75)
+    """
+)
+
+
+def start(tmp_path: Path, stop_file: Path) -> tuple[subprocess.Popen, Path]:
+    """`python -m pcam.slurm run` over `sh -c "python training.py; ..."` (sh: a dvc stand-in,
+    with no signal handler), in its own session, as Slurm would run the batch step."""
+    script = tmp_path / "training.py"
+    script.write_text(TRAINING)
+    out = tmp_path / "checkpoint"
+    # The `; exit $?` keeps sh from exec-ing the training, as dvc stays the training's parent.
+    inner = f"{sys.executable} {script} {out}; exit $?"
+    cmd = [sys.executable, "-m", "pcam.slurm", "run", "--stop-file", str(stop_file), "--"]
+    proc = subprocess.Popen(
+        [*cmd, "sh", "-c", inner],
+        env=env(),
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while not Path(f"{out}.ready").exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the training stand-in did not start"
+        time.sleep(0.05)
+    return proc, out
+
+
+def test_sigterm_to_every_process_waits_for_the_orphaned_training(tmp_path):
+    # Preemption / scancel --full: SIGTERM to all processes at once. The dvc stand-in dies at
+    # once; the training, orphaned, must still finish before the supervisor returns.
+    proc, out = start(tmp_path, tmp_path / "stop")
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, log = proc.communicate(timeout=30)
+    assert out.read_text() == "SIGTERM", log
+    assert proc.returncode == 128 + signal.SIGTERM  # the command's status: sh died of SIGTERM
+    assert "exited with 75" in log
+
+
+def test_stop_file_forwards_the_signal_only_to_processes_that_handle_it(tmp_path):
+    # The time-limit path: only the batch shell got SIGUSR1; it writes the stop file.
+    stop = tmp_path / "stop"
+    proc, out = start(tmp_path, stop)
+    stop.write_text("SIGUSR1\n")
+    _, log = proc.communicate(timeout=30)
+    assert out.read_text() == "SIGUSR1", log
+    assert proc.returncode == 75, log  # sh was not signalled: it passed the training's 75 on
+    assert log.count("forwarded SIGUSR1 to PID") == 1, log
+    assert "training.py" in log
+
+
+def test_without_a_stop_the_command_status_passes_through(tmp_path):
+    cmd = [sys.executable, "-m", "pcam.slurm", "run", "--stop-file", str(tmp_path / "stop")]
+    proc = subprocess.run([*cmd, "--", "sh", "-c", "exit 3"], env=env(), capture_output=True)
+    assert proc.returncode == 3
+    proc = subprocess.run([*cmd, "--", "no-such-dvc"], env=env(), capture_output=True, text=True)
+    assert proc.returncode == 127 and "cannot run no-such-dvc" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("line", "restart_count", "requeued", "says"),
+    [
+        # scancel --signal=TERM: the job runs on, so it requeues itself
+        ("JobId=7 JobState=RUNNING Restarts=0", "", True, "requeueing job 7"),
+        ("JobId=7 JobState=RUNNING Restarts=1", "1", True, "requeueing job 7"),
+        # preemption with PreemptMode=REQUEUE: Slurm has requeued it already
+        ("JobId=7 JobState=COMPLETING Restarts=2", "1", False, "Slurm requeues job 7 itself"),
+        # plain scancel: cancelled for good, resumable by its key
+        ("JobId=7 JobState=COMPLETING Restarts=0", "", False, "PCAM_STATE_KEY=7_3"),
+        ("JobId=7 JobState=CANCELLED Restarts=0", "", False, "PCAM_STATE_KEY=7_3"),
+    ],
+)
+def test_requeue_decision(tmp_path, line, restart_count, requeued, says):
+    calls = tmp_path / "calls"
+    fake = tmp_path / "scontrol"
+    fake.write_text(f'#!/bin/sh\necho "$*" >>{calls}\n[ "$1" = show ] && echo "{line}"\nexit 0\n')
+    fake.chmod(0o755)
+    e = env() | {"PATH": f"{tmp_path}:{env()['PATH']}", "SLURM_RESTART_COUNT": restart_count}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pcam.slurm", "requeue", "7", "7_3"],
+        env=e,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert says in proc.stderr
+    assert ("requeue 7" in calls.read_text().splitlines()) == requeued
