@@ -59,6 +59,8 @@ def changed(**edits: str) -> dict:
 
 def test_timing_outputs_are_exactly_the_benchmark_files():
     assert is_timing_output("metrics/benchmark.json")
+    assert is_timing_output("metrics/details/benchmark.json")
+    assert not is_timing_output("metrics/details/eval.json")
     assert is_timing_output("plots/benchmark/scaling.png")
     assert is_timing_output("plots/benchmark/throughput.csv")
     assert is_timing_output("plots/benchmark")  # as a directory output: only those files

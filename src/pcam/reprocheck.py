@@ -45,7 +45,7 @@ from pcam.lockcheck import (
 
 # Benchmark timings differ between any two runs: the only outputs exempt from the comparison.
 # A path ending in "/" stands for every file under that directory.
-TIMING_OUTPUTS = ("metrics/benchmark.json", "plots/benchmark/")
+TIMING_OUTPUTS = ("metrics/benchmark.json", "metrics/details/benchmark.json", "plots/benchmark/")
 
 SECTIONS = ("deps", "params", "outs")  # within a stage: inputs first, then what it made
 NEW_LOCK = Path(".dvc/tmp/repro-check/dvc.lock")  # relative to the repo root; git-ignored
