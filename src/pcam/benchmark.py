@@ -25,6 +25,7 @@ from dvclive import Live
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from pcam import numerics
 from pcam.data import Split, normalise, read_x
 from pcam.errors import PcamError
 from pcam.params import AugmentParams, TrainParams, to_dict
@@ -253,8 +254,8 @@ def compare_loop_to_premade(
 # pcam/__init__.py pins the CPU kernels (ISA caps, MKL's reproducible mode) before torch is
 # imported, unless PCAM_CPU_PINS=0: each arm is therefore its own process. The pins this process
 # got from its own import are removed from the unpinned arm's environment.
-PINS_ENV = "PCAM_CPU_PINS"
-PINNED_VARS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+PINS_ENV = numerics.SWITCH_ENV
+PINNED_VARS = tuple(numerics.ENV_PINS)
 
 
 def _arm_env(pins: bool) -> dict[str, str]:
