@@ -57,7 +57,10 @@ CPU, GPU = "thin_course", "gpu_course"
 # depend on the training's speed. (During a grace, Slurm 22.05 signals job steps only: a batch
 # job without srun steps gets nothing before the SIGTERM that ends it, as without a grace.)
 PREEMPTIBLE, URGENT = "preemptible", "urgent"
-N_CPUS = 32
+N_CPUS = 64
+# The preemptible job and the urgent one each take 40: the urgent one fits only by preempting the
+# other, and then fits beside the other jobs of the flow (at most ~15 CPUs, one each).
+PREEMPT_CPUS = 40
 # scancel arguments of the ways a SIGTERM stops a job; "preempted": by a job in URGENT.
 STOP_WAYS = {
     "term_full": ["--signal=TERM", "--full"],  # the batch shell and all its processes
@@ -480,15 +483,16 @@ def flow(slurm, tmp_path_factory) -> Flow:
     gpu_id = slurm.sbatch(repo, "benchmark_gpu.sbatch", options=after_repro, **e)
 
     # Stopped by SIGTERM while they train, in the four ways SIGTERM comes, and resumed: four
-    # twins of one uninterrupted run. The preemptible one holds 20 of the node's 32 CPUs; the
-    # urgent job needs 20 too, so it preempts it (and nothing else: the course partitions are
-    # not preemptible).
+    # twins of one uninterrupted run. The urgent job preempts the preemptible one (and nothing
+    # else: the course partitions are not preemptible).
     twin_args = ("-S", "train.seed=0", "-S", f"train.epochs={STOP_EPOCHS}", "train")
     twin_id = slurm.sbatch(repo, "exp_gpu.sbatch", "-n", STOP_TWIN, *twin_args, **e)
     stopped = {how: Stopped(f"stopped-{how}") for how in STOP_WAYS}
     ids: dict[str, str] = {}
     for how, st in stopped.items():
-        options = ["-p", PREEMPTIBLE, "--cpus-per-task=20"] if how == "preempted" else []
+        options = (
+            ["-p", PREEMPTIBLE, f"--cpus-per-task={PREEMPT_CPUS}"] if how == "preempted" else []
+        )
         ids[how] = slurm.sbatch(
             repo, "exp_gpu.sbatch", "-n", st.name, *twin_args, options=options, **e
         )
@@ -503,7 +507,13 @@ def flow(slurm, tmp_path_factory) -> Flow:
             if not st.stopped and job.state == "RUNNING" and training_runs(job):
                 st.stopped = True
                 if how == "preempted":
-                    urgent = ["-p", URGENT, "--cpus-per-task=20", "-o", str(base / "urgent.out")]
+                    urgent = [
+                        "-p",
+                        URGENT,
+                        f"--cpus-per-task={PREEMPT_CPUS}",
+                        "-o",
+                        str(base / "urgent.out"),
+                    ]
                     slurm.run(["sbatch", *urgent, "--wrap", "sleep 1"])
                 else:
                     slurm.run(["scancel", *STOP_WAYS[how], job.job_id])
