@@ -412,7 +412,7 @@ def test_label_check_set_to_warn_reports_and_goes_on(tmp_path, checkpoint):
     warning = "split_train_y.h5: split 'train' has only label 0 (16 patches)"
     assert proc.stderr.startswith("validate-data: warning: data/raw/camelyonpatch_level_2_")
     assert warning in proc.stderr
-    report = json.loads((tmp_path / "metrics" / "data.json").read_text())
+    report = json.loads((tmp_path / "metrics" / "details" / "data.json").read_text())
     assert len(report["warnings"]) == 1 and warning in report["warnings"][0]
 
 
