@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import runpy
 import shutil
 from pathlib import Path
@@ -419,11 +420,12 @@ def test_exclude_picks_the_reasons(tiny_raw):
 
 def test_exclude_may_be_an_empty_list_in_params(tmp_path):
     text = (REPO / "params.yaml").read_text()
-    line = next(s for s in text.splitlines() if s.strip().startswith("exclude:"))
+    # params.yaml keeps lists in block style (DVC's write-back form): the key line and its items.
+    block = re.search(r"^  exclude:.*\n(?:  - .*\n)*", text, re.M).group(0)
     path = tmp_path / "params.yaml"
-    path.write_text(text.replace(line, "  exclude: []"))
+    path.write_text(text.replace(block, "  exclude: []\n"))
     assert load_params(path).validate.exclude == ()
-    path.write_text(text.replace(line, "  exclude: [duplicates]"))
+    path.write_text(text.replace(block, "  exclude: [duplicates]\n"))
     with pytest.raises(ParamsError, match=r"validate.exclude\[0\] = 'duplicates'.*'duplicate'"):
         load_params(path)
 
