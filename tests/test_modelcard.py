@@ -30,7 +30,7 @@ def outputs(tmp_path) -> tuple[Path, dict]:
     """Pipeline outputs with random numbers, so a number in the card can only come from them."""
     rng = np.random.default_rng(42)
     root = tmp_path / "repo"
-    (root / "metrics").mkdir(parents=True)
+    (root / "metrics" / "details").mkdir(parents=True)
     (root / "models").mkdir()
     shutil.copyfile(REPO / "params.yaml", root / "params.yaml")
     ev = {
@@ -69,10 +69,10 @@ def outputs(tmp_path) -> tuple[Path, dict]:
         }
     }
     for rel, doc in (
-        ("metrics/eval.json", ev),
-        ("metrics/slices.json", slices),
-        ("metrics/train.json", train),
-        ("metrics/data.json", data),
+        ("metrics/details/eval.json", ev),
+        ("metrics/details/slices.json", slices),
+        ("metrics/details/train.json", train),
+        ("metrics/details/data.json", data),
         ("models/threshold.json", {"threshold": ev["threshold"]["value"], "model_md5": "cd" * 16}),
     ):
         (root / rel).write_text(json.dumps(doc))
@@ -114,13 +114,13 @@ def test_card_holds_the_numbers_of_the_outputs(outputs, tmp_path, capsys):
 
 def test_missing_files_and_keys_are_said_not_guessed(outputs, tmp_path, capsys):
     root, docs = outputs
-    (root / "metrics/slices.json").unlink()
+    (root / "metrics/details/slices.json").unlink()
     del docs["eval"]["valid"]["roc_auc"]
-    (root / "metrics/eval.json").write_text(json.dumps(docs["eval"]))
+    (root / "metrics/details/eval.json").write_text(json.dumps(docs["eval"]))
     text, err = card(root, tmp_path, capsys)
     assert "## Not recorded" in text
-    assert "- metrics/slices.json: file not found" in text
-    assert "- metrics/eval.json: no 'valid.roc_auc'" in text
+    assert "- metrics/details/slices.json: file not found" in text
+    assert "- metrics/details/eval.json: no 'valid.roc_auc'" in text
     assert "modelcard: not recorded: metrics/eval.json: no 'valid.roc_auc'" in err
     assert "| ROC-AUC |" in text and "| not recorded |" in text
 
@@ -129,4 +129,4 @@ def test_no_outputs_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         modelcard.main(["--root", str(tmp_path), "--out", str(tmp_path / "card.md")])
     assert stop.value.code == 1
-    assert "metrics/eval.json: not found (run `dvc repro` first)" in capsys.readouterr().err
+    assert "metrics/details/eval.json: not found (run `dvc repro` first)" in capsys.readouterr().err

@@ -111,14 +111,14 @@ def test_download_path_runs_all_seven_stages(originals, server, tmp_path):
     for split in h5io.SPLITS:
         for path in h5io.split_files(originals, split):
             assert (raw / path.name).read_bytes() == path.read_bytes(), path.name
-    assert "skipped" not in read_json(repo / "metrics/data.json")
-    slices = read_json(repo / "metrics/slices.json")
+    assert "skipped" not in read_json(repo / "metrics/details/data.json")
+    slices = read_json(repo / "metrics/details/slices.json")
     assert "hard_negative" in slices["slices"] and "skipped" not in slices
     assert any(name.startswith("slide:test_slide_") for name in slices["slices"])
 
     # train.use_exclusions false: every train patch in training and in the statistics
     assert _excluded(repo, "train")
-    assert read_json(repo / "metrics/train.json")["n_train"] == N["train"]
+    assert read_json(repo / "metrics/details/train.json")["n_train"] == N["train"]
     assert read_json(repo / "data/stats.json")["n_patches"] == N["train"]
     assert read_json(repo / "data/drift_reference.json")["n_patches"] == N["train"]
     _assert_headline_test_is_the_whole_test_split(repo)
@@ -142,7 +142,10 @@ def _assert_model_is_a_registry_artifact_with_a_card(repo: Path, tmp_path: Path)
 
     run(["python", "-m", "pcam.modelcard", "--out", "reports/model_card.md"], repo)
     card = (repo / "reports/model_card.md").read_text()
-    ev, tr = read_json(repo / "metrics/eval.json"), read_json(repo / "metrics/train.json")
+    ev, tr = (
+        read_json(repo / "metrics/details/eval.json"),
+        read_json(repo / "metrics/details/train.json"),
+    )
     for split in ("test", "valid"):
         for key in ("roc_auc", "f2", "sensitivity", "specificity"):
             m = ev[split][key]
@@ -173,16 +176,16 @@ def test_copy_without_meta_csvs_runs_and_says_what_it_skipped(originals, server,
     with h5py.File(repo / "data/raw" / h5io.x_name("train"), "r") as f:
         assert f["x"].chunks is None and f["x"].shape == (N["train"], 96, 96, 3)
 
-    data = read_json(repo / "metrics/data.json")
+    data = read_json(repo / "metrics/details/data.json")
     assert set(data["splits"]["test"]["skipped"]) == {"meta_label_mismatches", "slides"}
     assert data["slides_shared"] == {} and "slides_shared" in data["skipped"]
-    slices = read_json(repo / "metrics/slices.json")
+    slices = read_json(repo / "metrics/details/slices.json")
     assert set(slices["skipped"]) == {"hard_negative", "slide:*"}
     assert {"dark", "bright", "low_contrast", "high_saturation"} <= set(slices["slices"])
     assert not any(k == "hard_negative" or k.startswith("slide:") for k in slices["slices"])
     # train.use_exclusions true (the default): train's exclusions are left out of training
     n_train = N["train"] - len(_excluded(repo, "train"))
-    assert read_json(repo / "metrics/train.json")["n_train"] == n_train < N["train"]
+    assert read_json(repo / "metrics/details/train.json")["n_train"] == n_train < N["train"]
     assert read_json(repo / "data/stats.json")["n_patches"] == n_train
     assert read_json(repo / "data/drift_reference.json")["n_patches"] == n_train
     _assert_headline_test_is_the_whole_test_split(repo)
@@ -193,7 +196,7 @@ def _assert_headline_test_is_the_whole_test_split(repo: Path) -> None:
     effect only beside them."""
     excluded = _excluded(repo, "test")
     assert excluded, "the served test split carries defects: something must be flagged"
-    ev = read_json(repo / "metrics/eval.json")
+    ev = read_json(repo / "metrics/details/eval.json")
     saved = np.load(repo / "data/predictions/test.npz")
     assert saved["index"].tolist() == list(range(N["test"]))
     assert ev["test"]["n"] == N["test"]

@@ -2,7 +2,7 @@
 
     python -m pcam.modelcard [--root .] [--out reports/model_card.md]      (or `make model-card`)
 
-Every number comes from a file the pipeline wrote (metrics/*.json, models/threshold.json,
+Every number comes from a file the pipeline wrote (metrics/details/*.json, models/threshold.json,
 dvc.lock, params.yaml); nothing is typed in by hand. Each file is read by one small function
 below, and a value a file does not hold is shown as "not recorded" and listed at the end of the
 card (and on stderr), so the card still renders while the metrics files change shape. The figures
@@ -89,19 +89,19 @@ class Source:
 
 
 def evaluation(root: Path, missing: list[str]) -> Source:
-    return Source(root, "metrics/eval.json", missing)
+    return Source(root, "metrics/details/eval.json", missing)
 
 
 def training(root: Path, missing: list[str]) -> Source:
-    return Source(root, "metrics/train.json", missing)
+    return Source(root, "metrics/details/train.json", missing)
 
 
 def slices(root: Path, missing: list[str]) -> Source:
-    return Source(root, "metrics/slices.json", missing)
+    return Source(root, "metrics/details/slices.json", missing)
 
 
 def data_report(root: Path, missing: list[str]) -> Source:
-    return Source(root, "metrics/data.json", missing)
+    return Source(root, "metrics/details/data.json", missing)
 
 
 def threshold_file(root: Path, missing: list[str]) -> Source:
@@ -361,8 +361,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if not (args.root / "metrics/eval.json").is_file():
-        raise PcamError(f"{args.root / 'metrics/eval.json'}: not found (run `dvc repro` first)")
+    if not (args.root / "metrics/details/eval.json").is_file():
+        raise PcamError(
+            f"{args.root / 'metrics/details/eval.json'}: not found (run `dvc repro` first)"
+        )
     text, missing = render(args.root, args.out)
     write_text(args.out, text)
     for m in missing:
