@@ -121,7 +121,7 @@ def test_missing_files_and_keys_are_said_not_guessed(outputs, tmp_path, capsys):
     assert "## Not recorded" in text
     assert "- metrics/details/slices.json: file not found" in text
     assert "- metrics/details/eval.json: no 'valid.roc_auc'" in text
-    assert "modelcard: not recorded: metrics/eval.json: no 'valid.roc_auc'" in err
+    assert "modelcard: not recorded: metrics/details/eval.json: no 'valid.roc_auc'" in err
     assert "| ROC-AUC |" in text and "| not recorded |" in text
 
 
