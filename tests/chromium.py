@@ -120,8 +120,9 @@ def plot_points(page: Path) -> dict[str, int]:
 def undrawn_plots(page: Path) -> list[dict]:
     """The plots of `page` that Chromium drew no canvas or no marks for, leaving out lines of a
     single point (a one-epoch run's validation curves), which have nothing to draw."""
-    drawn = drawn_plots(page)
     points = plot_points(page)
+    # Image plots (PNG galleries) are <img> tags on the page, not Vega plots: left out here.
+    drawn = [p for p in drawn_plots(page) if p["canvas"] or p["id"] in points]
     assert drawn and sorted(points) == sorted(p["id"] for p in drawn), (points, drawn)
     return [
         p
