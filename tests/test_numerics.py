@@ -67,8 +67,9 @@ def test_pins_decide_the_bytes_whatever_the_environment_asks_for():
     assert all(probe(env) == pinned for env in ELSEWHERE)
     native = probe({numerics.SWITCH_ENV: "0"})
     unpinned = {probe({numerics.SWITCH_ENV: "0", **env}) for env in ELSEWHERE[:2]}
-    # Left to the machine, each of these knobs changes the weights: they are what the pins fix.
-    assert len(unpinned | {native}) == 3
+    # Left to the machine, these knobs change the weights: they are what the pins fix. (ATen's
+    # ISA always does; an MKL_CBWR branch only on Intel, oneMKL treats it as AUTO elsewhere.)
+    assert len(unpinned | {native}) >= 2
     assert pinned not in unpinned | {native}
 
 
