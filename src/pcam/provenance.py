@@ -47,11 +47,11 @@ def code_hashes() -> dict[str, str]:
     if main and Path(main).name != "__main__.py" and Path(main).parent.name == "stages":
         files.add(Path(main).resolve())
     hashes = {}
-    for path in sorted(files):
+    for path in files:
         rel = path.relative_to(_PACKAGE_DIR.parent) if path.is_relative_to(_PACKAGE_DIR) else None
-        key = str(rel) if rel else f"stages/{path.name}"
-        hashes[key] = md5_file(path)
-    return hashes
+        hashes[str(rel) if rel else f"stages/{path.name}"] = md5_file(path)
+    # Ordered by the relative name, not the absolute path: the order is part of the bytes.
+    return dict(sorted(hashes.items()))
 
 
 def data_hashes(paths) -> dict[str, str]:
