@@ -171,3 +171,13 @@ def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.1) -> flo
             raise AssertionError(f"not within {timeout_s} s: {what}")
         time.sleep(poll_s)
     return time.monotonic() - start
+
+
+def files_under(repo: Path, rels: tuple[str, ...]) -> dict[str, bytes]:
+    """Relative path -> bytes of every file at or under `rels` (files or directories)."""
+    found = {}
+    for rel in rels:
+        path = repo / rel
+        paths = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        found |= {str(p.relative_to(repo)): p.read_bytes() for p in paths if p.is_file()}
+    return found

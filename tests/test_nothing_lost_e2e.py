@@ -27,6 +27,7 @@ from tests.e2e import (
     copy_repo,
     dvc,
     env,
+    files_under,
     free_port,
     run,
     set_params,
@@ -47,15 +48,6 @@ def repo(tmp_path_factory) -> Path:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", "repro"], repo)
     return repo
-
-
-def files_under(repo: Path, rels: tuple[str, ...]) -> dict[str, bytes]:
-    found = {}
-    for rel in rels:
-        path = repo / rel
-        paths = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        found |= {str(p.relative_to(repo)): p.read_bytes() for p in paths if p.is_file()}
-    return found
 
 
 def assert_back_to_committed_state(repo: Path, outputs: tuple[str, ...], before: dict) -> None:

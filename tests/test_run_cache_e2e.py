@@ -23,7 +23,18 @@ import pytest
 import yaml
 
 from pcam.checkpoint import load_checkpoint
-from tests.e2e import TINY, alive, children, copy_repo, dvc, env, run, set_params, wait_for
+from tests.e2e import (
+    TINY,
+    alive,
+    children,
+    copy_repo,
+    dvc,
+    env,
+    files_under,
+    run,
+    set_params,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -58,15 +69,6 @@ def repo(base, tmp_path) -> Path:
     shutil.copytree(base, dest, symlinks=True)
     shutil.rmtree(dest / ".dvc" / "tmp", ignore_errors=True)  # locks and indexes of `base`
     return dest
-
-
-def files_under(repo: Path, rels: tuple[str, ...]) -> dict[str, bytes]:
-    found = {}
-    for rel in rels:
-        path = repo / rel
-        paths = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        found |= {str(p.relative_to(repo)): p.read_bytes() for p in paths if p.is_file()}
-    return found
 
 
 def run_cache_stages(repo: Path) -> set[str]:
