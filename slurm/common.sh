@@ -23,6 +23,9 @@
 #                    experiments are pushed to (default: origin)
 #   PCAM_DVC_PUSH    1 (default) pushes outputs to the default DVC remote; 0 leaves them in the
 #                    DVC cache only (compute nodes without internet, with a shared cache)
+#   PCAM_DVC_CACHE   DVC cache the job uses (default: the checkout's `dvc cache dir`); a job with
+#                    its own cache neither takes stage results from nor leaves them to the others
+#                    (DVC's run-cache lives in the cache)
 #   PCAM_STATE_DIR   shared directory for the jobs' checkpoints (default: $PCAM_REPO/slurm/state)
 #   PCAM_STATE_KEY   resume what an earlier job left (cancelled, or not requeueable): its job id
 #                    (array task: JOBID_TASKID)
@@ -148,7 +151,7 @@ pcam_workspace() {
 	# again, and what the job produces lands there for `dvc checkout` in the checkout. Copies, not
 	# links, in the working copy: the data being read then sits on this node's disk.
 	local cache
-	cache=$(cd "$PCAM_REPO" && dvc cache dir)
+	cache=${PCAM_DVC_CACHE:-$(cd "$PCAM_REPO" && dvc cache dir)}
 	# = dvc config --local cache.dir/cache.type/core.site_cache_dir, in one process instead of
 	# three. site_cache_dir: DVC's per-repository index would otherwise pile up in /var/tmp/dvc,
 	# one directory per job; in the working copy it goes away with it.
@@ -238,11 +241,13 @@ pcam_requeue_if_interrupted() {
 	exit 0
 }
 
-# Uploads what the working copy's pipeline produced (and, with --run-cache, the record of every
-# finished stage, so that a rerun elsewhere restores them instead of recomputing).
+# pcam_dvc_push [--run-cache]: uploads what the working copy's pipeline produced; with --run-cache
+# also the record of every finished stage and every file it names, so that a rerun elsewhere
+# restores them instead of recomputing (`dvc push --run-cache` leaves files out: pcam/runcache.py).
 pcam_dvc_push() {
 	if pcam_has_dvc_remote; then
-		dvc push "$@"
+		dvc push || return
+		[[ ${1:-} != --run-cache ]] || python -m pcam.runcache push
 	else
 		pcam_log "no DVC push (PCAM_DVC_PUSH=0 or no default remote): outputs stay in the DVC cache $(dvc cache dir)"
 	fi
@@ -303,7 +308,7 @@ pcam_experiment() {
 	pcam_requeue_if_interrupted "$status"
 	if ((status != 0)); then
 		pcam_log "experiment $name failed (exit $status); pushing the finished stages (run cache)"
-		pcam_dvc_push --run-cache || pcam_log "dvc push --run-cache failed too"
+		pcam_dvc_push --run-cache || pcam_log "pushing the run-cache failed too"
 		pcam_die "experiment $name failed"
 	fi
 	local no_cache=()

@@ -41,6 +41,9 @@ def env() -> dict[str, str]:
     # Stage commands call `python`: make it this interpreter, whatever PATH the tests got.
     e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
     e["DVC_NO_ANALYTICS"] = "1"
+    # DVC runs stages as `$SHELL -c CMD`. CI has no SHELL, hence /bin/sh: dash, which does not exec
+    # a lone command, so the stage runs under a shell under dvc. Test that case everywhere.
+    e["SHELL"] = "/bin/sh"
     for key in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL"):  # not those of a `make test` running us
         e.pop(key, None)
     e.setdefault("GIT_AUTHOR_NAME", "pcam tests")
@@ -152,6 +155,24 @@ def children(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(stat.parent.name))
     return found
+
+
+def stage_process(dvc_pid: int, script: str) -> int | None:
+    """The PID of `python stages/SCRIPT` run by dvc process `dvc_pid` (maybe through a shell)."""
+    todo = [dvc_pid]
+    while todo:
+        for pid in children(todo.pop()):
+            try:
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if (
+                Path(args[0].decode()).name.startswith("python")
+                and f"stages/{script}".encode() in args
+            ):
+                return pid
+            todo.append(pid)
+    return None
 
 
 def alive(pid: int) -> bool:

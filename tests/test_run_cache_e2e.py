@@ -26,13 +26,13 @@ from pcam.checkpoint import load_checkpoint
 from tests.e2e import (
     TINY,
     alive,
-    children,
     copy_repo,
     dvc,
     env,
     files_under,
     run,
     set_params,
+    stage_process,
     wait_for,
 )
 
@@ -123,9 +123,12 @@ def test_resume_after_sigterm_gives_the_uninterrupted_bytes(repo, tmp_path, monk
     stage_pid = None
     try:
         # DVC deletes the stage's outputs, dvclive/ too, before it starts the stage.
-        wait_for(lambda: children(proc.pid) or proc.poll() is not None, 120, "the stage starts")
+        def started() -> bool:
+            return stage_process(proc.pid, "train.py") is not None or proc.poll() is not None
+
+        wait_for(started, 120, "the stage starts")
         assert proc.poll() is None, log_path.read_text()
-        (stage_pid,) = children(proc.pid)
+        stage_pid = stage_process(proc.pid, "train.py")
 
         # A first row: the training loop, with its SIGTERM handler, has started (2 epochs of
         # 8 steps each).

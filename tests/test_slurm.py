@@ -488,13 +488,17 @@ def flow(slurm, tmp_path_factory) -> Flow:
     twin_args = ("-S", "train.seed=0", "-S", f"train.epochs={STOP_EPOCHS}", "train")
     twin_id = slurm.sbatch(repo, "exp_gpu.sbatch", "-n", STOP_TWIN, *twin_args, **e)
     stopped = {how: Stopped(f"stopped-{how}") for how in STOP_WAYS}
+    # Each in its own DVC cache: with the shared one, a job whose training (re)starts after a twin
+    # finished would take the result from DVC's run-cache instead of resuming. Data comes from the
+    # DVC remote (--pull).
+    own_cache = {how: e | {"PCAM_DVC_CACHE": str(base / f"cache-{how}")} for how in STOP_WAYS}
     ids: dict[str, str] = {}
     for how, st in stopped.items():
         options = (
             ["-p", PREEMPTIBLE, f"--cpus-per-task={PREEMPT_CPUS}"] if how == "preempted" else []
         )
         ids[how] = slurm.sbatch(
-            repo, "exp_gpu.sbatch", "-n", st.name, *twin_args, options=options, **e
+            repo, "exp_gpu.sbatch", "-n", st.name, *twin_args, options=options, **own_cache[how]
         )
     state_dir = repo / "slurm" / "state"
     cancelled = stopped["cancelled"]
@@ -532,7 +536,7 @@ def flow(slurm, tmp_path_factory) -> Flow:
                     cancelled.name,
                     *twin_args,
                     PCAM_STATE_KEY=job.job_id,
-                    **e,
+                    **own_cache["cancelled"],
                 )
             )
 

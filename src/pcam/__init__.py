@@ -13,6 +13,6 @@ _numerics.pin_environment()
 __version__ = "0.1.0"
 
 if os.environ.get("DVC_STAGE"):  # run by `dvc repro`/`dvc exp run`: end when dvc ends
-    from pcam.lifetime import die_with_parent
+    from pcam.lifetime import die_with_dvc
 
-    die_with_parent()
+    die_with_dvc()

@@ -2,45 +2,113 @@
 
 When `dvc repro` or `dvc exp run` is killed (SIGKILL, SIGTERM), DVC's lock goes and dvc.lock
 never records the stage; a stage still running would write outputs that nothing tracks, maybe
-while the next `dvc repro` writes the same files. On Linux the kernel can signal a process when
-its parent dies (prctl PR_SET_PDEATHSIG). The signal is SIGTERM: it ends any stage at once, and
-the training loop, which catches it, finishes its step, checkpoints and exits (the same path as
-a SLURM preemption, where dvc and the stage may both get SIGTERM and dvc may go first).
+while the next `dvc repro` writes the same files. So a stage gets SIGTERM when dvc ends: it ends
+any stage at once, and the training loop, which catches it, finishes its step, checkpoints and
+exits (the same path as a SLURM preemption, where dvc and the stage may both get SIGTERM and dvc
+may go first).
 
-DVC runs a stage as `$SHELL -c CMD`; bash, dash and zsh exec a lone command, so the stage's
-parent is dvc itself (tests/test_nothing_lost_e2e.py checks it). pcam/__init__.py calls
-die_with_parent() when DVC_STAGE is set (DVC sets it for every stage command), i.e. as soon as a
-stage imports pcam; processes a stage starts that import pcam (DDP ranks) die with the stage.
+DVC runs a stage as `$SHELL -c CMD` (/bin/sh where SHELL is unset, as in CI). bash execs a lone
+command, so the stage's parent is dvc; dash (Debian's /bin/sh) does not, so the parent is a shell
+that outlives a killed dvc. Two mechanisms cover both:
+- the kernel signals us when our parent dies (prctl PR_SET_PDEATHSIG): dvc itself, or the shell;
+- where the parent is not dvc, a daemon thread waits on a pidfd of the nearest `dvc` ancestor
+  (pidfd_open, Linux 5.3; polling where that is missing) and signals us when it exits.
+pcam/__init__.py calls die_with_dvc() when DVC_STAGE is set (DVC sets it for every stage
+command), i.e. as soon as a stage imports pcam; processes a stage starts that import pcam (DDP
+ranks) die with it too. tests/test_lifetime.py kills a dvc-like parent under bash and dash.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+POLL_S = 0.5  # only where pidfd_open is missing
 
 
-def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> bool:
-    """Ask the kernel to send `sig` when the parent dies; False where that is not available."""
+def die_with_dvc(sig: signal.Signals = signal.SIGTERM) -> bool:
+    """Get `sig` when our parent or the `dvc` process we run under ends; False off Linux."""
     if not sys.platform.startswith("linux"):
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         return False
+    parent = os.getppid()
     # A parent that died before the prctl call left us to init (pid 1): that death is missed, so
     # act on it now. Unless dvc itself is pid 1 (`docker run IMAGE dvc repro`).
-    if os.getppid() == 1 and not _runs_dvc(1):
+    if parent == 1 and not _runs_dvc(1):
         os.kill(os.getpid(), sig)
+        return True
+    dvc = _dvc_ancestor(parent)
+    if dvc is not None and dvc != parent:
+        _watch(dvc, sig)
     return True
 
 
-def _runs_dvc(pid: int) -> bool:
+def _watch(pid: int, sig: signal.Signals) -> None:
+    """Send `sig` to this process when process `pid` ends (a daemon thread waits for it)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None and not _runs_dvc(pid):  # the PID was reused between the lookup and now
+        os.close(fd)
+        return
+
+    def wait() -> None:
+        if fd is not None:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            poller.poll()  # readable once the process has exited
+        else:
+            while _alive(pid) and _runs_dvc(pid):
+                time.sleep(POLL_S)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=wait, name="pcam-die-with-dvc", daemon=True).start()
+
+
+def _dvc_ancestor(pid: int) -> int | None:
+    """The nearest process from `pid` up whose command line runs dvc."""
+    while pid > 1:
+        if _runs_dvc(pid, missing=False):
+            return pid
+        pid = _parent(pid)
+    return None
+
+
+def _parent(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    # The command name (field 2) may hold spaces and parentheses; the fields after the last ")"
+    # are numbers: state, then the parent PID.
+    return int(stat.rpartition(")")[2].split()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _runs_dvc(pid: int, missing: bool = True) -> bool:
+    """Whether `pid` runs dvc (`missing` where that cannot be read)."""
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
-        return True  # cannot tell: assume it is our parent rather than kill a healthy stage
-    return any(Path(a.decode(errors="replace")).name == "dvc" for a in args)
+        return missing
+    # `dvc ...` or `python .../dvc ...` (a venv's entry point run by its interpreter).
+    return any(Path(a.decode(errors="replace")).name == "dvc" for a in args[:2])
