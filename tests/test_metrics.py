@@ -14,6 +14,7 @@ from pcam.metrics import (
     metrics_with_ci,
     pr_points,
     rates,
+    roc_auc_by_ranks,
     roc_points,
     threshold_sweep,
 )
@@ -100,6 +101,16 @@ def test_hand_counted_rates_equal_sklearn():
                 assert got[name] == pytest.approx(expected), name
             else:
                 assert np.isnan(got[name]), name
+
+
+def test_rank_auc_equals_sklearn_with_and_without_ties():
+    rng = np.random.default_rng(4)
+    for n, levels in ((40, None), (300, None), (200, 5), (64, 2)):
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        prob = rng.random(n) if levels is None else rng.integers(0, levels, n) / levels
+        expected = skm.roc_auc_score(y, prob)
+        assert roc_auc_by_ranks(y == 1, prob) == pytest.approx(expected, abs=1e-12), (n, levels)
 
 
 def test_metrics_with_ci_nests_value_and_interval(scores):

@@ -325,6 +325,7 @@ def test_streamed_split_reads_like_resident_and_trains(tmp_path, splits):
     # each block's samples come together: the block id changes exactly n_blocks - 1 times
     assert sum(a != b for a, b in zip(blocks, blocks[1:], strict=False)) == 80 // 16 - 1
 
-    p = params(epochs=1)
+    # Trained from the streamed split, the model learns the toy task (dark centre = positive).
+    p = params(epochs=4)
     prog = train(p, streamed, valid_split, MEAN, STD, tmp_path / "m.pt", prov(p))
-    assert prog.finished and prog.history[0]["val_roc_auc"] > 0.5
+    assert prog.finished and prog.history[-1]["val_roc_auc"] > 0.9, prog.history

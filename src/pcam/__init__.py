@@ -12,7 +12,9 @@ _numerics.pin_environment()
 
 __version__ = "0.1.0"
 
-if os.environ.get("DVC_STAGE"):  # run by `dvc repro`/`dvc exp run`: end when dvc ends
-    from pcam.lifetime import die_with_dvc
+# Imported in every run, so that a stage's provenance (the md5 of each pcam module it loaded) is
+# the same under dvc and run by hand.
+from pcam import lifetime as _lifetime  # noqa: E402
 
-    die_with_dvc()
+if os.environ.get("DVC_STAGE"):  # run by `dvc repro`/`dvc exp run`: end when dvc ends
+    _lifetime.die_with_dvc()

@@ -25,20 +25,22 @@ def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class SmallCNN(nn.Module):
-    """A stride-2 stem, then conv blocks each followed by 2x2 max-pool, global average pool, linear.
+    """A patchify stem, then conv blocks, the first two followed by 2x2 max-pool, global average
+    pool, linear.
 
-    The stem halves 96x96 straight away: full-resolution 3x3 convs cost most of the FLOPs and add
-    little for nuclei that are several pixels wide. Channels double per block from `width`.
+    The stem is a 4x4 conv with stride 4 (96 -> 24), as in ConvNeXt: full-resolution 3x3 convs
+    cost most of the time and add little for nuclei that are several pixels wide. It replaced a
+    stride-2 3x3 conv + max-pool that took half of each training step on the pinned CPU path
+    (im2col + GEMM, pcam/numerics.py). Channels double per block from `width`.
     """
 
     def __init__(self, width: int):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            nn.Conv2d(3, w, 3, stride=2, padding=1, bias=False),  # 96 -> 48
+            nn.Conv2d(3, w, 4, stride=4, bias=False),  # 96 -> 24
             nn.BatchNorm2d(w),
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),  # 48 -> 24
             _conv_block(w, 2 * w),
             nn.MaxPool2d(2),  # 24 -> 12
             _conv_block(2 * w, 4 * w),
