@@ -176,3 +176,21 @@ def test_params_yaml_is_written_the_way_dvc_writes_it_back(tmp_path):
     changed = [line for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---")]
     lr = yaml.safe_load(original)["train"]["lr"]
     assert changed == [f"-  lr: {lr}", "+  lr: 0.0001"]
+
+
+def test_each_plot_file_is_declared_once():
+    """A file under a stage's `plots:` and again under the top-level `plots:` is drawn twice by
+    `dvc plots show` (once per definition)."""
+    doc = dvc_yaml()
+    in_stages = [
+        next(iter(entry)) if isinstance(entry, dict) else entry
+        for stage in doc["stages"].values()
+        for entry in stage.get("plots", [])
+    ]
+    top = []
+    for entry in doc.get("plots", []):
+        name, props = next(iter(entry.items())) if isinstance(entry, dict) else (entry, None)
+        ys = (props or {}).get("y")
+        top += list(ys) if isinstance(ys, dict) else [name]
+    twice = [t for t in top for s in in_stages if t == s or t.startswith(s.rstrip("/") + "/")]
+    assert not twice, twice
