@@ -30,8 +30,9 @@ class SmallCNN(nn.Module):
 
     The stem is a 4x4 conv with stride 4 (96 -> 24), as in ConvNeXt: full-resolution 3x3 convs
     cost most of the time and add little for nuclei that are several pixels wide. It replaced a
-    stride-2 3x3 conv + max-pool that took half of each training step on the pinned CPU path
-    (im2col + GEMM, pcam/numerics.py). Channels double per block from `width`.
+    stride-2 3x3 conv + max-pool that took the largest share of each training step on the pinned
+    CPU path (im2col + GEMM, pcam/numerics.py; profiled in README: Measured). Channels double per
+    block from `width`.
     """
 
     def __init__(self, width: int):

@@ -204,7 +204,7 @@ class SliceParams:
 
 @dataclass(frozen=True)
 class BenchmarkParams:
-    # quick: fp32, eager, what `dvc repro` can afford (< 1 min on 2 cores); full: adds bf16 where
+    # quick: fp32, eager, what every `dvc repro` on 2 cores can afford; full: adds bf16 where
     # supported, torch.compile, every training batch size and more repeats.
     profile: Literal["quick", "full"]
     batch_sizes: tuple[int, ...]  # inference

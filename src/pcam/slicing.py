@@ -1,6 +1,6 @@
 """Slices of the test split where a model can fail silently.
 
-The seeds' users found a model with global F2 0.76 scoring 0.43 on the darkest 10% of slides. A
+The seeds' users found a model whose F2 on the darkest slides lay far below its global F2. A
 slice is a boolean mask over the test predictions, defined by per-patch image features (computed
 from the raw patches), by the meta CSV (hard negatives, slide), never by the model itself.
 """

@@ -526,7 +526,7 @@ def _stamp(
     windows = bank[shape_idx, offset_idx]  # (n, g, g, 2c, 2c)
     n, g, c = windows.shape[0], windows.shape[1], cell_px
     # Regroup as four (n, g*c, g*c) images, one per quadrant, so each overlay below is one
-    # contiguous max over whole image rows (max over 5-D strided views was 5x slower).
+    # contiguous max over whole image rows (a max over 5-D strided views is several times slower).
     quads = windows.reshape(n, g, g, 2, c, 2, c).transpose(0, 3, 5, 1, 4, 2, 6)
     quads = np.ascontiguousarray(quads).reshape(n, 2, 2, g * c, g * c)
     canvas = np.zeros((n, (g + 1) * c, (g + 1) * c), dtype=windows.dtype)
@@ -688,7 +688,7 @@ def _build_bank(
     density = np.clip(alpha * per_shape(conc) * profile, 0.0, None)
     mask = inside_px > 0.0
 
-    # uint8 sprites: gathering and max-folding them is ~4x faster than float32. The extra
+    # uint8 sprites: gathering and max-folding a quarter of float32's bytes is faster. The extra
     # last shape is blank.
     density_per_level = float(density.max()) / 255.0
     shape_u8 = np.round(density / density_per_level).astype(np.uint8)
