@@ -2,9 +2,9 @@
 
 `pcam.params.load_params` is replaced by one whose result records, in a set, the dotted key of
 every leaf field read on it (`params.train.lr` -> "train.lr"), whatever reads it: the stage, the
-library, `dataclasses.replace` or `to_dict`. Copies made by `dataclasses.replace` record nothing
-themselves: their fields are no longer params.yaml's (the copy read what it kept, once). The
-script then runs as `python SCRIPT` would; the sorted keys go to OUT (JSON) when it ends.
+library, `dataclasses.replace` or `to_dict`. A copy made by `dataclasses.replace` records nothing
+itself: making it read each field it kept from params.yaml; the others are no longer params.yaml's.
+The script then runs as `python SCRIPT` would; the sorted keys go to OUT (JSON) when it ends.
 """
 
 from __future__ import annotations
