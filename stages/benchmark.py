@@ -27,7 +27,7 @@ from pcam.data import Split, load_stats, read_x
 from pcam.errors import exit_on_user_error
 from pcam.fileio import write_csv, write_json
 from pcam.models import build_model, init_weights, model_config
-from pcam.params import load_params, to_dict
+from pcam.params import declared_params, load_params, to_dict
 from pcam.plots import curve_png
 from pcam.provenance import library_versions, machine_info
 
@@ -190,7 +190,7 @@ def main() -> None:
             "data_delivery": delivery,
             "machine": machine_info(devices()[-1])
             | {"versions": library_versions(), "threads": p.threads},
-            "params": to_dict(p),
+            "params": declared_params("benchmark"),
             "train_params_timed": to_dict(tp),
         },
     )

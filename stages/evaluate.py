@@ -24,7 +24,7 @@ from pcam.errors import exit_on_user_error
 from pcam.fileio import atomic_path, md5_file, write_csv, write_json
 from pcam.inference import predict_logits, sigmoid
 from pcam.models import model_config
-from pcam.params import load_params, to_dict
+from pcam.params import load_params
 from pcam.plots import curve_png
 from pcam.provenance import provenance
 
@@ -148,9 +148,7 @@ def main() -> None:
             "model_md5": md5_file(MODEL),
         },
     )
-    report["provenance"] = provenance(
-        {"evaluate": to_dict(p)}, p.bootstrap_seed, inputs=[MODEL, EXCLUSIONS]
-    )
+    report["provenance"] = provenance("evaluate", p.bootstrap_seed, inputs=[MODEL, EXCLUSIONS])
     write_json(DETAILS, report)
     write_json(METRICS, headline(report))
     t = report["test"]

@@ -20,7 +20,7 @@ from pcam.data import read_x
 from pcam.errors import PcamError, exit_on_user_error
 from pcam.fileio import write_json
 from pcam.metrics import CI_METRICS
-from pcam.params import load_params, to_dict
+from pcam.params import load_params
 from pcam.plots import patch_grid
 from pcam.provenance import provenance
 from pcam.slicing import (
@@ -119,7 +119,7 @@ def main() -> None:
             "worst_slice": worst,
             "warnings": warnings,
             **({"skipped": skipped} if skipped else {}),
-            "provenance": provenance({"slice": to_dict(p)}, seed, inputs=[PREDICTIONS]),
+            "provenance": provenance("slice", seed, inputs=[PREDICTIONS]),
         },
     )
     for name, s in slices.items():

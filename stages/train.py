@@ -30,7 +30,7 @@ from dvclive import Live
 from pcam.data import load_split, load_stats
 from pcam.errors import exit_on_user_error
 from pcam.fileio import write_json
-from pcam.params import load_params, to_dict
+from pcam.params import load_params
 from pcam.provenance import provenance
 from pcam.training import (
     EXIT_INTERRUPTED,
@@ -70,12 +70,7 @@ def run_rank(rank: int, world: int) -> None:
         for s in ("train", "valid")
         for xy in "xy"
     ]
-    prov = provenance(
-        {"data": to_dict(params.data), "train": to_dict(p)},
-        p.seed,
-        device,
-        [*inputs, EXCLUSIONS, STATS],
-    )
+    prov = provenance("train", p.seed, device, [*inputs, EXCLUSIONS, STATS])
     prov["world_size"] = world
     # dvcyaml=False/save_dvc_exp=False: dvc.yaml declares these files; DVCLive must not rewrite it
     # or create stray experiments when this script runs outside `dvc exp run`. A fresh directory

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pcam.params import ParamsError, load_params, to_dict
+from pcam.params import ParamsError, declared_params, load_params, to_dict
 from tests.conftest import REPO
 
 
@@ -125,3 +126,43 @@ def test_to_dict_round_trips(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(to_dict(p)))
     assert load_params(path) == p
+
+
+def test_declared_params_are_dvc_yaml_s_list_with_params_yaml_s_values(tmp_path):
+    dvc_yaml, params = REPO / "dvc.yaml", REPO / "params.yaml"
+    p = load_params(params)
+    got = declared_params("train", dvc_yaml, params)
+    stage = yaml.safe_load(dvc_yaml.read_text())["stages"]["train"]
+    assert list(got) == stage["params"]  # dvc.yaml's keys, in its order: no more, no fewer
+    assert got["data.memory_budget_gb"] == p.data.memory_budget_gb
+    assert got["train.augment.flips"] == p.train.augment.flips
+    assert "data.pcam.timeout_s" not in got
+    with pytest.raises(ParamsError, match=r"nope.yaml: not found"):
+        declared_params("train", tmp_path / "nope.yaml", params)
+    with pytest.raises(ParamsError, match=r"dvc.yaml: no stage 'trian'"):
+        declared_params("trian", dvc_yaml, params)
+    renamed = tmp_path / "dvc.yaml"
+    renamed.write_text(dvc_yaml.read_text().replace("- train.lr\n", "- train.learning_rate\n"))
+    with pytest.raises(ParamsError, match=r"stage 'train' declares train.learning_rate, not in"):
+        declared_params("train", renamed, params)
+
+
+def test_the_reads_recorder_sees_each_leaf_read_and_nothing_else():
+    # tests/params_reads.py, which tests/test_params_reads_e2e.py runs every stage under.
+    from tests.params_reads import recording
+
+    reads: set[str] = set()
+    p = recording(load_params(REPO / "params.yaml"), reads)
+    assert isinstance(p.train.augment, type(load_params(REPO / "params.yaml").train.augment))
+    assert reads == set()  # sections are not leaves
+    assert p.train.lr > 0 and p.train.augment.flips in (True, False)
+    assert reads == {"train.lr", "train.augment.flips"}
+    copy = dataclasses.replace(p.evaluate, batch_size=1)  # reads every field it keeps
+    fields = {f"evaluate.{f.name}" for f in dataclasses.fields(copy)}
+    assert reads - {"train.lr", "train.augment.flips"} == fields - {"evaluate.batch_size"}
+    reads.clear()
+    assert copy.batch_size == 1 and copy.threshold == p.evaluate.threshold
+    assert reads == {"evaluate.threshold"}  # the copy's reads are not params.yaml's
+    reads.clear()
+    to_dict(p.slice)
+    assert reads == {f"slice.{f.name}" for f in dataclasses.fields(p.slice)}

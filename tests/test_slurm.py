@@ -760,4 +760,5 @@ def test_benchmarks_append_one_row_per_partition(flow):
     cpu = json.loads((logs / f"benchmark-{CPU}-{flow.bench_cpu.job_id}.json").read_text())
     gpu = json.loads((logs / f"benchmark-{GPU}-{flow.bench_gpu.job_id}.json").read_text())
     # -S benchmark.repeats=2 applied to the CPU job only
-    assert (cpu["params"]["repeats"], gpu["params"]["repeats"]) == (2, PROFILE["benchmark.repeats"])
+    repeats = [m["params"]["benchmark.repeats"] for m in (cpu, gpu)]
+    assert repeats == [2, PROFILE["benchmark.repeats"]]

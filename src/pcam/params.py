@@ -460,8 +460,32 @@ def _show(value: Any) -> str:
     return repr(value) if not isinstance(value, dict | list) else type(value).__name__
 
 
+def declared_params(
+    stage: str, dvc_yaml: str | os.PathLike = "dvc.yaml", path: str | os.PathLike = "params.yaml"
+) -> dict[str, Any]:
+    """{dotted key: value} of the params dvc.yaml declares for `stage`, as params.yaml has them:
+    what dvc.lock records for it. The only params a stage may write into its outputs: one it
+    does not declare would change them while DVC calls the stage up to date."""
+    if not Path(dvc_yaml).is_file():
+        raise ParamsError(f"{dvc_yaml}: not found (stages run from the repository's root)")
+    stages = (read_yaml(dvc_yaml) or {}).get("stages") or {}
+    if stage not in stages:
+        raise ParamsError(f"{dvc_yaml}: no stage '{stage}'")
+    values = read_yaml(path)
+    out = {}
+    for key in stages[stage].get("params") or []:
+        node = values
+        for part in str(key).split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ParamsError(f"{dvc_yaml}: stage '{stage}' declares {key}, not in {path}")
+            node = node[part]
+        out[key] = node
+    return out
+
+
 def to_dict(params: Any) -> dict:
-    """Plain nested dict (tuples as lists) for provenance records and checkpoints."""
+    """Plain nested dict (tuples as lists), e.g. for JSON. Not for what a stage records of its
+    params: that is `declared_params`, which holds no key DVC does not track for the stage."""
     return _plain(dataclasses.asdict(params))
 
 

@@ -20,6 +20,7 @@ import torch
 
 from pcam import numerics
 from pcam.fileio import md5_file
+from pcam.params import declared_params
 
 _LIBRARIES = ("torch", "numpy", "scipy", "h5py", "scikit-learn", "dvc", "dvclive")
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -117,12 +118,11 @@ def _cpu_isa() -> list[str]:
     return [f for f in wanted if f in flags]
 
 
-def provenance(
-    params: dict, seed: int | None, device: torch.device | str = "cpu", inputs=()
-) -> dict:
-    """The record stored in checkpoints and metrics files: what produced them."""
+def provenance(stage: str, seed: int | None, device: torch.device | str = "cpu", inputs=()) -> dict:
+    """The record stored in checkpoints and metrics files: what produced them. Its params are
+    those dvc.yaml declares for `stage`, no more: the outputs change only when DVC re-runs it."""
     return {
-        "params": params,
+        "params": declared_params(stage),
         "seed": seed,
         "code": code_hashes(),
         "data": data_hashes(inputs),
