@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from sklearn import metrics as skm
 
 from pcam import h5io
@@ -210,7 +211,10 @@ def test_predict_on_the_test_file_gives_evaluates_predictions(repro_repo):
     """The inference CLI on data/raw's test file: evaluate's saved probabilities (to the CSV's 6
     decimals), its threshold's labels, the true labels, row for row."""
     x_path = repro_repo / "data/raw" / h5io.x_name("test")
-    csv_text = run([sys.executable, "-m", "pcam.predict", str(x_path)], repro_repo).stdout
+    # in evaluate's batches: the same arithmetic, hence the same bits
+    batch = yaml.safe_load((repro_repo / "params.yaml").read_text())["evaluate"]["batch_size"]
+    cmd = [sys.executable, "-m", "pcam.predict", str(x_path), "--batch-size", str(batch)]
+    csv_text = run(cmd, repro_repo).stdout
     rows = list(csv.DictReader(io.StringIO(csv_text)))
     saved = np.load(repro_repo / "data/predictions/test.npz")
     threshold = read_json(repro_repo / "models/threshold.json")["threshold"]
