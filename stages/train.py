@@ -23,6 +23,7 @@ from pathlib import Path
 import pcam  # noqa: F401  (first: pins the CPU numerics before numpy and torch load)
 
 # isort: split
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from dvclive import Live
@@ -70,6 +71,10 @@ def run_rank(rank: int, world: int) -> None:
         for s in ("train", "valid")
         for xy in "xy"
     ]
+    # The provenance records torch's thread count: make it the one training runs with, not the
+    # launcher's default (the machine's cores; torchrun and SLURM set OMP_NUM_THREADS), or the
+    # model's bytes would depend on the machine and on how the stage was started.
+    torch.set_num_threads(p.threads)
     prov = provenance("train", p.seed, device, [*inputs, EXCLUSIONS, STATS])
     prov["world_size"] = world
     # dvcyaml=False/save_dvc_exp=False: dvc.yaml declares these files; DVCLive must not rewrite it

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
+import pytest
 import torch
 
 from pcam import benchmark as bench
-from pcam.models import build_model
 from pcam.params import load_params
 from tests.conftest import REPO
 
@@ -21,8 +22,15 @@ def tiny_train(**changes):
 
 def test_timed_excludes_warmup_and_counts_repeats():
     calls = []
-    seconds = bench.timed(lambda: calls.append(1), warmup=3, repeats=5, device=torch.device("cpu"))
-    assert len(calls) == 8 and len(seconds) == 5 and (seconds >= 0).all()
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.3 if len(calls) <= 3 else 0.01)  # the warm-up calls are the slow ones
+
+    seconds = bench.timed(fn, warmup=3, repeats=5, device=torch.device("cpu"))
+    assert len(calls) == 8 and len(seconds) == 5
+    # each figure is one timed call: at least its sleep, none of the warm-up's
+    assert (seconds >= 0.01).all() and (seconds < 0.3).all(), seconds
 
 
 def test_summary_is_median_based():
@@ -31,14 +39,46 @@ def test_summary_is_median_based():
     assert s["latency_ms_p50"] == 100.0 and s["latency_ms_p95"] > 1000.0
 
 
-def test_inference_and_train_step_measure_something():
-    model = build_model({"model": "cnn", "width": 4})
-    r = bench.time_inference(model, 4, 1, 2, torch.device("cpu"), channels_last=False)
-    assert r["images_per_s"] > 0 and r["repeats"] == 2
+class SlowForward(torch.nn.Module):
+    """A model whose forward takes at least `seconds`: what the timing must then report."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds, self.calls, self.linear = seconds, 0, torch.nn.Linear(3, 1)
+
+    def forward(self, x):
+        self.calls += 1
+        time.sleep(self.seconds)
+        return self.linear(x.mean(dim=(2, 3))).squeeze(1)
+
+
+def test_inference_times_the_forward_passes():
+    model = SlowForward(0.02)
+    r = bench.time_inference(model, 4, 1, 3, torch.device("cpu"), channels_last=False)
+    assert model.calls == 1 + 3 and r["repeats"] == 3
+    # 4 images per forward of >= 20 ms: at most 200 images/s, each call counted as 4 images
+    assert r["latency_ms_p50"] >= 20 and r["images_per_s"] <= 200, r
+    assert r["images_per_s"] == pytest.approx(4e3 / r["latency_ms_p50"]), r
+
+
+def test_train_step_times_training_steps(monkeypatch):
+    from pcam.training import Stepper
+
+    real_step, steps = Stepper.step, []
+
+    def slow_step(self, xb, yb):
+        steps.append(len(xb))
+        time.sleep(0.02)
+        return real_step(self, xb, yb)
+
+    monkeypatch.setattr(Stepper, "step", slow_step)
     for scheduler in ("onecycle", "cosine", "plateau", "none"):
         # onecycle raises if stepped past its total: the reference sizes it for warm-up + repeats
+        steps.clear()
         t = bench.time_train_step(tiny_train(scheduler=scheduler), 3, 4, torch.device("cpu"))
-        assert t["images_per_s"] > 0 and t["repeats"] == 4
+        assert steps == [16] * (3 + 4) and t["repeats"] == 4  # batch_size 16
+        assert t["latency_ms_p50"] >= 20 and t["images_per_s"] <= 16 / 0.02, t
+        assert t["images_per_s"] == pytest.approx(16e3 / t["latency_ms_p50"]), t
 
 
 def test_loop_and_premade_are_interleaved_and_compared_per_round():
@@ -57,18 +97,35 @@ def test_loop_and_premade_are_interleaved_and_compared_per_round():
     assert all(x["loop_images_per_s"] > 0 and x["premade_images_per_s"] > 0 for x in r["rounds"])
 
 
-def test_loaders_deliver_the_same_normalised_batches(tiny_raw):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loaders_deliver_the_same_normalised_batches(tiny_raw, workers):
+    """The benchmark's ratio compares two ways of delivering the same thing: the same patches,
+    normalised alike, in batches of the same size (the naive loader shuffles them)."""
     from pcam import h5io
 
     x_path = h5io.split_files(tiny_raw, "train")[0]
-    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
-    bench.loader_ours(x_path, 16, 4, mean, std)()
-    ds = bench.PerIndexH5(x_path, 16, mean, std)
-    from pcam.data import normalise, read_x
+    mean, std = torch.tensor([0.6, 0.5, 0.7]), torch.tensor([0.2, 0.25, 0.15])
+    ours = list(bench.batches_ours(x_path, 14, 4, mean, std))  # 14 of the file's 16 patches
+    naive = list(bench.batches_naive(x_path, 14, 4, workers, mean, std))
+    assert (
+        [b.shape for b in ours]
+        == [b.shape for b in naive]
+        == [(4, 3, 96, 96)] * 3 + [(2, 3, 96, 96)]
+    )
+    a, b = torch.cat(ours).flatten(1), torch.cat(naive).flatten(1)
+    assert a.dtype == b.dtype == torch.float32
+    # the naive loader's patch i is ours[match[i]]: each of ours exactly once
+    gap = (b[:, None] - a[None]).abs().amax(dim=2)
+    match = gap.argmin(dim=1)
+    assert sorted(match.tolist()) == list(range(14)), match
+    assert gap.min(dim=1).values.max() < 1e-5  # same values; fused arithmetic rounds apart
+    assert match.tolist() != list(range(14))  # shuffled, as the seeds' sampler did
+    # ...and they are the file's patches, normalised: the first 14 rows, in order, in ours
+    from pcam.data import read_x
 
-    ours = normalise(torch.from_numpy(read_x(x_path))[3:4], mean, std)[0]
-    assert torch.allclose(ds[3], ours, atol=1e-5)  # same values; fused arithmetic rounds apart
-    bench.loader_naive(x_path, 16, 4, 0, mean, std)()
+    x = torch.from_numpy(read_x(x_path)).float() / 255
+    expected = ((x[:14] - mean) / std).permute(0, 3, 1, 2).flatten(1)
+    torch.testing.assert_close(a, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_timed_train_params_ignore_what_does_not_change_the_work():

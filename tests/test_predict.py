@@ -71,6 +71,11 @@ def test_h5_images_and_directory(tmp_path, model_dir, capsys):
     images.mkdir()
     save_png(images / "a.png")
     Image.fromarray(x[0]).save(images / "b.jpg", quality=95)
+    Image.fromarray(x[0]).save(images / "c.png")
+    # the JPEG's pixels as Pillow decodes them, in an .h5 of their own
+    decoded = np.asarray(Image.open(images / "b.jpg").convert("RGB"))
+    assert not (decoded == x[0]).all()  # JPEG is lossy: other pixels, another probability
+    h5io.write_h5_dataset(tmp_path / "decoded.h5", "x", decoded[None])
     out = tmp_path / "pred.csv"
     main(
         [
@@ -78,20 +83,25 @@ def test_h5_images_and_directory(tmp_path, model_dir, capsys):
             str(model_dir / "model.pt"),
             str(tmp_path / h5io.x_name("test")),
             str(images),
+            str(tmp_path / "decoded.h5"),
             "--out",
             str(out),
         ]
     )
     rows = read_rows(out.read_text())
-    assert len(rows) == 6 + 2
+    assert len(rows) == 6 + 3 + 1
     assert [int(r["index"]) for r in rows[:6]] == list(range(6))
     # the _y.h5 next to the _x.h5 gives the true labels; images have none
-    assert [r["true_label"] for r in rows] == [str(v) for v in y] + ["", ""]
+    assert [r["true_label"] for r in rows] == [str(v) for v in y] + [""] * 4
     for r in rows:
         p = float(r["probability"])
         assert 0.0 <= p <= 1.0 and int(r["label"]) == int(p >= 0.5)
-    # same patch from the .h5 and the JPEG: close probabilities (JPEG is lossy)
-    assert abs(float(rows[0]["probability"]) - float(rows[7]["probability"])) < 0.2
+    # the same pixels score the same whatever file they came in: the .h5 row and its lossless
+    # PNG; the JPEG and its decoded pixels. Batches differ (6 rows, 3 images, 1 row): the
+    # CSV's 6 decimals may round apart by one unit.
+    prob = [float(r["probability"]) for r in rows]
+    assert abs(prob[8] - prob[0]) <= 1e-6 + 1e-12, (prob[0], prob[8])
+    assert abs(prob[7] - prob[9]) <= 1e-6 + 1e-12, (prob[7], prob[9])
 
 
 def test_stdout_and_threshold_override(tmp_path, model_dir, capsys):

@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import signal
 from pathlib import Path
 
@@ -15,7 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from pcam.checkpoint import load_checkpoint, load_model, load_state_strict, save_checkpoint
+from pcam.checkpoint import (
+    load_checkpoint,
+    load_model,
+    load_state_strict,
+    normalisation,
+    save_checkpoint,
+)
 from pcam.data import (
     Split,
     draw_color_jitter,
@@ -27,7 +32,7 @@ from pcam.data import (
 from pcam.errors import PcamError
 from pcam.models import build_model
 from pcam.params import load_params, to_dict
-from pcam.training import RESUME_ENV, TrainingInterrupted, epoch_order, train
+from pcam.training import RESUME_ENV, TrainingInterrupted, epoch_order, evaluate_split, train
 from tests.conftest import REPO
 
 
@@ -191,14 +196,70 @@ def test_resume_refuses_checkpoint_with_other_params(tmp_path, splits):
         del os.environ[RESUME_ENV]
 
 
-def test_early_stopping_keeps_best_epoch(tmp_path, splits):
-    p = params(epochs=6, early_stopping_patience=1, lr=0.05, scheduler="none")
-    prog = train(p, *splits, MEAN, STD, tmp_path / "m.pt", prov(p))
+def inverted(split: Split) -> Split:
+    """The split with every label flipped: the better a model learns the toy task, the worse
+    its ROC-AUC and loss on this one."""
+    return Split(split.name, split.x, 1 - split.y, split.index)
+
+
+@pytest.fixture(scope="module")
+def worsening_run(tmp_path_factory, splits):
+    """A run whose validation gets worse as it learns: early stopping must end it."""
+    p = params(epochs=8, early_stopping_patience=2, scheduler="none")
+    path = tmp_path_factory.mktemp("worsening") / "m.pt"
+    prog = train(p, splits[0], inverted(splits[1]), MEAN, STD, path, prov(p))
+    return p, prog, path
+
+
+def test_early_stopping_stops_after_patience_epochs_without_gain(worsening_run):
+    p, prog, _ = worsening_run
     aucs = [h["val_roc_auc"] for h in prog.history]
-    assert prog.best_roc_auc == max(aucs)
-    assert prog.history[prog.best_epoch - 1]["val_roc_auc"] == max(aucs)
-    if prog.stopped_early:
-        assert len(aucs) < 6 and aucs[-1] <= prog.best_roc_auc
+    assert prog.stopped_early and prog.finished
+    # exactly `patience` epochs after the best one, long before train.epochs
+    assert len(aucs) == prog.best_epoch + p.early_stopping_patience < p.epochs, aucs
+    assert prog.best_roc_auc == aucs[prog.best_epoch - 1] == max(aucs)
+    assert all(a <= prog.best_roc_auc for a in aucs[prog.best_epoch :])
+
+
+def test_load_model_returns_the_best_epochs_weights(worsening_run, splits):
+    p, prog, path = worsening_run
+    ckpt = load_checkpoint(path)
+    last, best = prog.history[-1], prog.history[prog.best_epoch - 1]
+    assert prog.best_epoch < len(prog.history) and best["val_loss"] != last["val_loss"]
+    model = load_model(ckpt, path)
+    scored = evaluate_split(model, inverted(splits[1]), MEAN, STD, 256, "cpu")
+    # the best epoch's model scores as it did at that epoch's end, not as the last one did
+    assert scored["loss"] == best["val_loss"] and scored["roc_auc"] == best["val_roc_auc"]
+    differs = [
+        k
+        for k, v in ckpt["model_state"].items()
+        if not torch.equal(v, ckpt["progress"]["best_state"][k])
+    ]
+    assert differs  # the file also holds the last weights (for a resume): they are not these
+
+
+def test_plateau_scheduler_decays_the_lr_the_steps_use(tmp_path, splits):
+    """train.scheduler plateau: after more than plateau_patience epochs without a val-loss
+    improvement the lr drops by plateau_factor, and the next epoch's steps run at it."""
+    p = params(epochs=4, scheduler="plateau", plateau_patience=1, plateau_factor=0.1)
+    prog = train(p, splits[0], inverted(splits[1]), MEAN, STD, tmp_path / "m.pt", prov(p))
+    expected, lr, best, bad = [], p.lr, float("inf"), 0
+    for row in prog.history:
+        if row["val_loss"] < best:
+            best, bad = row["val_loss"], 0
+        else:
+            bad += 1
+        if bad > p.plateau_patience:
+            lr, bad = lr * p.plateau_factor, 0
+        expected.append(lr)
+    assert [row["lr"] for row in prog.history] == pytest.approx(expected, rel=1e-12)
+    assert expected[-1] < p.lr  # the validation got worse: the lr did decay
+    steps_per_epoch = len(prog.steps) // len(prog.history)
+    step_lrs = [lr for _, _, _, lr in prog.steps]
+    assert step_lrs == pytest.approx(
+        [p.lr] * steps_per_epoch + [lr for lr in expected[:-1] for _ in range(steps_per_epoch)],
+        rel=1e-12,
+    )
 
 
 @pytest.mark.parametrize("model", ["cnn", "mlp", "resnet"])
@@ -290,17 +351,19 @@ def test_normalise_matches_the_textbook_formula():
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_checkpoint_loads_with_weights_only(tmp_path, splits):
+def test_checkpoint_loads_with_weights_only_and_records_what_inference_needs(tmp_path, splits):
     p = params(epochs=1)
     path = tmp_path / "m.pt"
     train(p, *splits, MEAN, STD, path, prov(p))
     # the strict loader accepts it: nothing but tensors and plain containers inside
     torch.load(path, weights_only=True)
-    with pytest.raises(pickle.UnpicklingError):
-        bad = io.BytesIO()
-        torch.save({"x": object()}, bad)
-        bad.seek(0)
-        torch.load(bad, weights_only=True)
+    # what predict and evaluate rebuild the model from: the architecture, the normalisation
+    # training applied and the provenance it was given
+    ckpt = load_checkpoint(path)
+    assert ckpt["model_config"] == {"model": "cnn", "width": 4}
+    mean, std = normalisation(ckpt)
+    assert torch.equal(mean, MEAN) and torch.equal(std, STD)
+    assert ckpt["provenance"] == prov(p)
 
 
 def test_streamed_split_reads_like_resident_and_trains(tmp_path, splits):

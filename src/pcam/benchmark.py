@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import h5py
@@ -343,13 +343,17 @@ def compare_cpu_pins(p: TrainParams, steps: int, warmup: int, rounds: int) -> di
     }
 
 
-def loader_ours(x_path: Path, n: int, batch_size: int, mean, std) -> Callable[[], None]:
+def batches_ours(x_path: Path, n: int, batch_size: int, mean, std) -> Iterator[torch.Tensor]:
     """Our path: n rows read in large contiguous slices into uint8, then normalised per batch."""
+    x = torch.from_numpy(read_x(x_path, np.arange(n)))
+    for start in range(0, n, batch_size):
+        yield normalise(x[start : start + batch_size], mean, std)
 
+
+def loader_ours(x_path: Path, n: int, batch_size: int, mean, std) -> Callable[[], None]:
     def run():
-        x = torch.from_numpy(read_x(x_path, np.arange(n)))
-        for start in range(0, n, batch_size):
-            normalise(x[start : start + batch_size], mean, std)
+        for _ in batches_ours(x_path, n, batch_size, mean, std):
+            pass
 
     return run
 
@@ -371,17 +375,21 @@ class PerIndexH5(Dataset):
         return ((x - self.mean) / self.std).permute(2, 0, 1)
 
 
+def batches_naive(x_path: Path, n: int, batch_size: int, workers: int, mean, std) -> DataLoader:
+    """The seeds' path: a DataLoader over PerIndexH5, shuffled like the seeds' sampler (random
+    single-row reads are what HDF5 is worst at)."""
+    return DataLoader(
+        PerIndexH5(x_path, n, mean, std),
+        batch_size=batch_size,
+        num_workers=workers,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
 def loader_naive(x_path: Path, n: int, batch_size: int, workers: int, mean, std):
     def run():
-        # Shuffled, like the seeds' sampler: random single-row reads are what HDF5 is worst at.
-        loader = DataLoader(
-            PerIndexH5(x_path, n, mean, std),
-            batch_size=batch_size,
-            num_workers=workers,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(0),
-        )
-        for _ in loader:
+        for _ in batches_naive(x_path, n, batch_size, workers, mean, std):
             pass
 
     return run

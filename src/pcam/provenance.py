@@ -72,7 +72,8 @@ def device_info(device: torch.device | str = "cpu") -> dict[str, object]:
     info: dict[str, object] = {
         "device": device.type,
         "machine": platform.machine(),
-        "torch_threads": torch.get_num_threads(),
+        # No thread count: a stage that computes with threads declares it as a param (recorded
+        # above); the launcher's default (cores, OMP_NUM_THREADS) would tie the bytes to a machine.
         "cpu_numerics": numerics.record(),
     }
     if device.type == "cuda":
@@ -87,6 +88,7 @@ def device_info(device: torch.device | str = "cpu") -> dict[str, object]:
 def machine_info(device: torch.device | str = "cpu") -> dict[str, object]:
     """The machine itself, for outputs that hold timings: CPU model, ISA flags, cores, GPU."""
     info = device_info(device) | {
+        "torch_threads": torch.get_num_threads(),
         "cpu": _cpu_model(),
         "cpu_isa": _cpu_isa(),
         "cores": os.cpu_count(),
