@@ -48,8 +48,10 @@ class Outputs:
                 raise PcamError(f"{rel}: not found (run `dvc repro` or `dvc pull` first)") from None
             except json.JSONDecodeError as err:
                 raise PcamError(f"{rel}: not JSON ({err})") from None
-        node = self.docs[rel]
-        for part in key.split(".") if key else []:
+        node, parts = self.docs[rel], key.split(".") if key else []
+        for i, part in enumerate(parts):
+            if isinstance(node, dict) and ".".join(parts[i:]) in node:
+                return node[".".join(parts[i:])]  # a dotted key itself: params.benchmark.repeats
             if not isinstance(node, dict) or part not in node:
                 raise PcamError(f"{rel}: no key '{key}'")
             node = node[part]
@@ -141,8 +143,8 @@ def benchmark_section(get: Outputs) -> list[str]:
 
     machine = (
         f"{b('machine.cpu')}, {b('machine.cores')} cores, {b('machine.torch_threads')} torch "
-        f"threads, device {b('machine.device')}; profile `{b('params.profile')}`, "
-        f"{b('params.warmup')} warm-up and {b('params.repeats')} timed repeats"
+        f"threads, device {b('machine.device')}; profile `{b('params.benchmark.profile')}`, "
+        f"{b('params.benchmark.warmup')} warm-up and {b('params.benchmark.repeats')} timed repeats"
     )
     speeds = []
     for group, what in [
@@ -193,7 +195,7 @@ def benchmark_section(get: Outputs) -> list[str]:
     return [
         f"From `{BENCH_DETAILS}`: the benchmark stage's last committed run ({machine}; "
         "medians). Latency: of one batch (inference, training step), of one pass over "
-        f"{b('params.loader_patches'):,} patches (data delivery). "
+        f"{b('params.benchmark.loader_patches'):,} patches (data delivery). "
         "`cl`: channels_last, `bs`: batch size; `naive_workersN`: a per-index h5py "
         "Dataset behind a DataLoader with N workers, `ours`: contiguous reads into resident "
         "uint8. Timings are the only outputs that differ between runs: they move with the machine "
