@@ -148,23 +148,10 @@ pcam_workspace() {
 		cp "$PCAM_REPO/.dvc/config.local" .dvc/config.local
 	fi
 	# Share the checkout's cache (often a shared project cache): data already there is not pulled
-	# again, and what the job produces lands there for `dvc checkout` in the checkout. Copies, not
-	# links, in the working copy: the data being read then sits on this node's disk.
+	# again, and what the job produces lands there for `dvc checkout` in the checkout.
 	local cache
 	cache=${PCAM_DVC_CACHE:-$(cd "$PCAM_REPO" && dvc cache dir)}
-	# = dvc config --local cache.dir/cache.type/core.site_cache_dir, in one process instead of
-	# three. site_cache_dir: DVC's per-repository index would otherwise pile up in /var/tmp/dvc,
-	# one directory per job; in the working copy it goes away with it.
-	python - "$cache" "$PCAM_WORK/dvc-site-cache" <<'PY'
-import sys
-
-from configobj import ConfigObj  # DVC's configuration format, and the library DVC uses for it
-
-conf = ConfigObj(".dvc/config.local")
-conf.setdefault("cache", {}).update({"dir": sys.argv[1], "type": "reflink,copy"})
-conf.setdefault("core", {})["site_cache_dir"] = sys.argv[2]
-conf.write()
-PY
+	python -m pcam.slurm use-cache "$cache" "$PCAM_WORK/dvc-site-cache"
 	# The PCAM download cache (.cache/pcam) is the checkout's, so an interrupted download resumes.
 	# A link is not a directory to .gitignore's "/.cache/": exclude it, or git would see it.
 	mkdir -p "$PCAM_REPO/.cache"
@@ -182,25 +169,10 @@ pcam_has_checkpoint() {
 	compgen -G "$PCAM_CHECKPOINT_DIR/*.pt" >/dev/null
 }
 
-# Fails early when train.devices asks for more GPUs than the job has (a DDP run would only fail
-# after loading the data). Arguments: the `dvc exp run` arguments, which may override it with -S.
+# Fails early when train.devices asks for more GPUs than the job has. Arguments: the `dvc exp
+# run` arguments, which may override it with -S.
 pcam_check_devices() {
-	local devices device gpus arg
-	read -r devices device < <(python -c 'import yaml; t = yaml.safe_load(open("params.yaml"))["train"]; print(t.get("devices", 1), t.get("device", "auto"))')
-	for arg in "$@"; do
-		case $arg in
-		train.devices=*) devices=${arg#train.devices=} ;;
-		train.device=*) device=${arg#train.device=} ;;
-		esac
-	done
-	gpus=0
-	if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
-		gpus=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)
-	fi
-	if [[ $device != cpu ]] && ((devices > 1 && gpus < devices)); then
-		pcam_die "train.devices=$devices but this job has $gpus GPU(s): submit with --gpus=$devices"
-	fi
-	pcam_log "train.devices=$devices, train.device=$device, GPUs allocated: $gpus"
+	python -m pcam.slurm check-devices -- "$@" || pcam_die "not enough GPUs for train.devices"
 }
 
 # pcam_run CMD...: runs CMD under the stop supervisor (src/pcam/slurm.py) and returns its exit
@@ -332,23 +304,7 @@ pcam_benchmark() {
 	pcam_workspace worktree
 	if (($# > 0)); then
 		# Only benchmark.* may change: other params would change what is being measured.
-		python - "$@" <<'PY'
-import sys
-
-import yaml
-
-args = sys.argv[1:]
-if len(args) % 2 or any(a != "-S" for a in args[::2]):
-    sys.exit(f"benchmark: arguments are -S benchmark.KEY=VALUE pairs, not {' '.join(args)}")
-params = yaml.safe_load(open("params.yaml"))
-for setting in args[1::2]:
-    key, _, value = setting.partition("=")
-    section, _, leaf = key.partition(".")
-    if section != "benchmark" or leaf not in params["benchmark"] or not value:
-        sys.exit(f"benchmark: -S {setting}: only existing benchmark.* params can be set")
-    params["benchmark"][leaf] = yaml.safe_load(value)
-yaml.safe_dump(params, open("params.yaml", "w"), sort_keys=False)
-PY
+		python -m pcam.slurm benchmark-params -- "$@" || pcam_die "bad benchmark arguments: $*"
 		pcam_log "benchmark params for this run: $*"
 	fi
 	# The data the stage reads (train split, stats), from the DVC cache or the remote.
@@ -360,44 +316,7 @@ PY
 	((status == 0)) || pcam_die "the benchmark stage failed (exit $status)"
 	mkdir -p "$logs"
 	cp metrics/details/benchmark.json "$logs/benchmark-${SLURM_JOB_PARTITION:-local}-${SLURM_JOB_ID:-$$}.json"
-	python - "$logs/throughput.md" <<'PY'
-"""Append this job's row to the throughput table: batch-1 inference on the node's fastest device."""
-import fcntl
-import json
-import os
-import re
-import socket
-import sys
-
-m = json.load(open("metrics/details/benchmark.json"))
-# Keys name device, precision, layout and batch size: "cuda_fp32_cl_bs1", "cpu_fp32_bs8".
-bs1 = {k: v for k, v in m["inference"].items() if re.search(r"_bs1$", k)}
-if not bs1:
-    sys.exit("benchmark: no batch-size-1 measurement; add 1 to benchmark.batch_sizes")
-# Keys start with the device ("cpu_fp32_...", "cuda_fp32_..."): on a GPU node, report the GPU.
-device = "cuda" if any(k.startswith("cuda") for k in bs1) else "cpu"
-key, row = max(((k, v) for k, v in bs1.items() if k.startswith(device)), key=lambda kv: kv[1]["images_per_s"])
-best_key, best = max(m["inference"].items(), key=lambda kv: kv[1]["images_per_s"])
-machine = m.get("machine", {})
-hardware = machine.get("gpu") if device == "cuda" else machine.get("cpu")
-line = (
-    f"| `{os.environ.get('SLURM_JOB_PARTITION', 'none')}` "
-    f"| {os.environ.get('SLURMD_NODENAME', socket.gethostname())} "
-    f"| {device}: {hardware or 'unknown'} "
-    f"| {row['images_per_s']:.1f} "
-    f"| {best['images_per_s']:.1f} ({best_key}) "
-    f"| {os.environ.get('SLURM_JOB_ID', 'none')} |\n"
-)
-with open(sys.argv[1], "a") as table:
-    fcntl.flock(table, fcntl.LOCK_EX)  # jobs on two partitions may finish at the same moment
-    if os.fstat(table.fileno()).st_size == 0:
-        table.write(
-            "| partition | node | device | img/s, batch 1 | best img/s (configuration) | job |\n"
-            "| :--- | :--- | :--- | ---: | ---: | :--- |\n"
-        )
-    table.write(line)
-print(f"throughput ({key}): {line}", end="")
-PY
+	python -m pcam.slurm throughput-row "$logs/throughput.md" || pcam_die "no throughput row"
 	pcam_log "row appended to $logs/throughput.md"
 	pcam_done
 }

@@ -228,7 +228,15 @@ def test_train_never_sees_an_excluded_patch(repro_repo, tmp_path):
     """Poison every train patch validate-data excluded (pixels inverted, label flipped): the train
     stage gives the same model. Poison one kept patch: another model."""
     work = tmp_path / "work"
-    for rel in ("params.yaml", "stages", "src", "data/raw", "data/validated", "data/stats.json"):
+    for rel in (
+        "params.yaml",
+        "dvc.yaml",
+        "stages",
+        "src",
+        "data/raw",
+        "data/validated",
+        "data/stats.json",
+    ):
         src, dest = repro_repo / rel, work / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         # copies, never links: the raw files may be links into the DVC cache

@@ -120,3 +120,95 @@ def test_requeue_decision(tmp_path, line, restart_count, requeued, says):
     assert proc.returncode == 0, proc.stderr
     assert says in proc.stderr
     assert ("requeue 7" in calls.read_text().splitlines()) == requeued
+
+
+# --- the small helpers the batch scripts call (formerly Python heredocs in slurm/common.sh) ---
+
+
+@pytest.fixture
+def in_copy(tmp_path, monkeypatch):
+    """A directory holding the repo's params.yaml and benchmark details, as a job's working copy."""
+    import shutil
+
+    from tests.conftest import REPO
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "metrics" / "details").mkdir(parents=True)
+    shutil.copy(
+        REPO / "metrics" / "details" / "benchmark.json",
+        tmp_path / "metrics" / "details" / "benchmark.json",
+    )
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_check_devices_counts_the_jobs_gpus(in_copy, monkeypatch, capsys):
+    from pcam import slurm
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert slurm.main(["check-devices", "--"]) == 0  # params.yaml: train.devices 1
+    assert slurm.main(["check-devices", "--", "-n", "x", "-S", "train.devices=2", "train"]) == 1
+    assert "train.devices=2 but this job has 0 GPU(s)" in capsys.readouterr().err
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert slurm.main(["check-devices", "--", "-S", "train.devices=2"]) == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert (
+        slurm.main(["check-devices", "--", "-S", "train.devices=2", "-S", "train.device=cpu"]) == 0
+    )
+
+
+def test_check_devices_reads_params_with_the_strict_loader(in_copy):
+    from pcam import slurm
+
+    text = (in_copy / "params.yaml").read_text()
+    (in_copy / "params.yaml").write_text(text.replace("  devices: 1", "  devices: two"))
+    with pytest.raises(SystemExit) as stop:
+        slurm.main(["check-devices", "--"])
+    assert stop.value.code == 1
+
+
+def test_benchmark_params_sets_benchmark_keys_only(in_copy, capsys):
+    import yaml
+
+    from pcam import slurm
+
+    assert slurm.main(["benchmark-params", "--", "-S", "benchmark.repeats=2"]) == 0
+    assert yaml.safe_load((in_copy / "params.yaml").read_text())["benchmark"]["repeats"] == 2
+    before = (in_copy / "params.yaml").read_text()
+    for bad in (["-S", "train.lr=0.1"], ["-S", "benchmark.nope=1"], ["benchmark.repeats=3"]):
+        assert slurm.main(["benchmark-params", "--", *bad]) == 1, bad
+    # a value the strict loader refuses leaves params.yaml as it was
+    assert slurm.main(["benchmark-params", "--", "-S", "benchmark.repeats=-1"]) == 1
+    assert (in_copy / "params.yaml").read_text() == before
+    assert "benchmark.repeats" in capsys.readouterr().err
+
+
+def test_throughput_row_appends_one_row_under_one_header(in_copy, monkeypatch):
+    import json
+
+    from pcam import slurm
+
+    monkeypatch.setenv("SLURM_JOB_PARTITION", "gpu_course")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    table = in_copy / "throughput.md"
+    assert slurm.main(["throughput-row", str(table)]) == 0
+    assert slurm.main(["throughput-row", str(table)]) == 0
+    lines = table.read_text().splitlines()
+    assert lines[0].startswith("| partition |") and len(lines) == 4
+    inference = json.loads((in_copy / "metrics/details/benchmark.json").read_text())["inference"]
+    bs1 = max(v["images_per_s"] for k, v in inference.items() if k.endswith("_bs1"))
+    best = max(v["images_per_s"] for v in inference.values())
+    assert lines[2] == lines[3] and "`gpu_course`" in lines[2] and "| 42 |" in lines[2]
+    assert f"| {bs1:.1f} |" in lines[2] and f"| {best:.1f} (" in lines[2]
+
+
+def test_use_cache_writes_the_local_config(in_copy):
+    from configobj import ConfigObj
+
+    from pcam import slurm
+
+    assert slurm.main(["use-cache", "/shared/cache", "/tmp/site"]) == 0
+    conf = ConfigObj(str(in_copy / ".dvc" / "config.local"))
+    assert conf["cache"] == {"dir": "/shared/cache", "type": "reflink,copy"}
+    assert conf["core"]["site_cache_dir"] == "/tmp/site"

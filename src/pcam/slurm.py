@@ -2,6 +2,10 @@
 
     python -m pcam.slurm run --stop-file PATH -- dvc repro --pull   # pcam_run
     python -m pcam.slurm requeue JOB_ID KEY                         # after a stop
+    python -m pcam.slurm use-cache CACHE SITE_CACHE                 # pcam_workspace
+    python -m pcam.slurm check-devices -- [DVC EXP RUN ARGS...]     # pcam_check_devices
+    python -m pcam.slurm benchmark-params -- [-S benchmark.KEY=VALUE ...]  # pcam_benchmark
+    python -m pcam.slurm throughput-row TABLE                       # pcam_benchmark
 
 `run` supervises the pipeline command. A stop reaches a job in one of three ways:
 - `--signal=B:USR1@N` before a time limit, `scancel --signal=TERM --batch`: the batch shell
@@ -33,6 +37,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pcam.errors import exit_on_user_error
 
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -169,6 +175,114 @@ def requeue(job_id: str, key: str) -> int:
     return 0
 
 
+def use_cache(cache: str, site_cache: str) -> None:
+    """= dvc config --local cache.dir/cache.type/core.site_cache_dir, in one process, not three.
+
+    Copies, not links, in the job's working copy: the data being read sits on the node's disk.
+    site_cache_dir: DVC's per-repository index would otherwise pile up in /var/tmp/dvc, one
+    directory per job; in the working copy it goes away with it.
+    """
+    from configobj import ConfigObj  # DVC's configuration format, and the library DVC uses
+
+    conf = ConfigObj(".dvc/config.local")
+    conf.setdefault("cache", {}).update({"dir": cache, "type": "reflink,copy"})
+    conf.setdefault("core", {})["site_cache_dir"] = site_cache
+    conf.write()
+
+
+def check_devices(exp_args: list[str]) -> int:
+    """Fail early when train.devices asks for more GPUs than the job has (a DDP run would fail
+    only after loading the data). `exp_args`: the `dvc exp run` arguments (-S may override)."""
+    from pcam.params import load_params
+
+    train = load_params().train
+    devices, device = train.devices, train.device
+    for arg in exp_args:
+        key, _, value = arg.partition("=")
+        if key == "train.devices" and value.isdigit():
+            devices = int(value)
+        elif key == "train.device":
+            device = value
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    gpus = len([d for d in visible.split(",") if d.strip()])
+    if device != "cpu" and devices > 1 and gpus < devices:
+        log(f"ERROR: train.devices={devices} but this job has {gpus} GPU(s): --gpus={devices}")
+        return 1
+    log(f"train.devices={devices}, train.device={device}, GPUs allocated: {gpus}")
+    return 0
+
+
+def benchmark_params(args: list[str], path: Path = Path("params.yaml")) -> int:
+    """Apply `-S benchmark.KEY=VALUE` pairs to params.yaml; only existing benchmark.* keys: other
+    params would change what is being measured. The result must pass the strict loader."""
+    import yaml
+
+    from pcam.errors import PcamError
+    from pcam.params import load_params
+
+    if len(args) % 2 or any(a != "-S" for a in args[::2]):
+        log(f"ERROR: benchmark: arguments are -S benchmark.KEY=VALUE pairs, not {' '.join(args)}")
+        return 1
+    doc = yaml.safe_load(path.read_text())
+    for setting in args[1::2]:
+        key, _, value = setting.partition("=")
+        section, _, leaf = key.partition(".")
+        if section != "benchmark" or leaf not in doc["benchmark"] or not value:
+            log(f"ERROR: benchmark: -S {setting}: only existing benchmark.* params can be set")
+            return 1
+        doc["benchmark"][leaf] = yaml.safe_load(value)
+    before = path.read_text()
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    try:
+        load_params(path)
+    except PcamError as err:
+        path.write_text(before)
+        log(f"ERROR: benchmark: {err}")
+        return 1
+    return 0
+
+
+def throughput_row(table: Path, details: Path = Path("metrics/details/benchmark.json")) -> int:
+    """Append this job's row to the per-partition throughput table: batch-1 inference on the
+    node's fastest device, and the best configuration measured."""
+    import fcntl
+    import json
+    import socket
+
+    m = json.loads(details.read_text())
+    # Keys name device, precision, layout and batch size: "cuda_fp32_cl_bs1", "cpu_fp32_nchw_bs8".
+    bs1 = {k: v for k, v in m["inference"].items() if k.endswith("_bs1")}
+    if not bs1:
+        log("ERROR: benchmark: no batch-size-1 measurement; add 1 to benchmark.batch_sizes")
+        return 1
+    device = "cuda" if any(k.startswith("cuda") for k in bs1) else "cpu"  # on a GPU node, the GPU
+    key, row = max(
+        ((k, v) for k, v in bs1.items() if k.startswith(device)),
+        key=lambda kv: kv[1]["images_per_s"],
+    )
+    best_key, best = max(m["inference"].items(), key=lambda kv: kv[1]["images_per_s"])
+    machine = m.get("machine", {})
+    hardware = machine.get("gpu") if device == "cuda" else machine.get("cpu")
+    line = (
+        f"| `{os.environ.get('SLURM_JOB_PARTITION', 'none')}` "
+        f"| {os.environ.get('SLURMD_NODENAME', socket.gethostname())} "
+        f"| {device}: {hardware or 'unknown'} "
+        f"| {row['images_per_s']:.1f} "
+        f"| {best['images_per_s']:.1f} ({best_key}) "
+        f"| {os.environ.get('SLURM_JOB_ID', 'none')} |\n"
+    )
+    with open(table, "a") as out:
+        fcntl.flock(out, fcntl.LOCK_EX)  # jobs on two partitions may finish at the same moment
+        if os.fstat(out.fileno()).st_size == 0:
+            out.write(
+                "| partition | node | device | img/s, batch 1 | best img/s (configuration) | job |\n"
+                "| :--- | :--- | :--- | ---: | ---: | :--- |\n"
+            )
+        out.write(line)
+    log(f"throughput ({key}): {line.strip()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pcam.slurm", description=__doc__.split("\n")[0]
@@ -180,9 +294,30 @@ def main(argv: list[str] | None = None) -> int:
     again = sub.add_parser("requeue", help="after a stop: requeue the job, or say why not")
     again.add_argument("job_id")
     again.add_argument("key", help="the job's state key (PCAM_STATE_KEY to resume it)")
+    cache = sub.add_parser("use-cache", help="the job's DVC cache and site cache")
+    cache.add_argument("cache")
+    cache.add_argument("site_cache")
+    devices = sub.add_parser("check-devices", help="enough GPUs for train.devices?")
+    devices.add_argument("exp_args", nargs=argparse.REMAINDER)
+    bench = sub.add_parser("benchmark-params", help="apply -S benchmark.KEY=VALUE to params.yaml")
+    bench.add_argument("settings", nargs=argparse.REMAINDER)
+    row = sub.add_parser("throughput-row", help="append this job's row to the throughput table")
+    row.add_argument("table", type=Path)
     args = parser.parse_args(argv)
+    for name in ("exp_args", "settings"):  # given after `--`, as they may start with a dash
+        if getattr(args, name, None) and getattr(args, name)[0] == "--":
+            setattr(args, name, getattr(args, name)[1:])
     if args.action == "run":
         return supervise(args.cmd, args.stop_file)
+    if args.action == "use-cache":
+        use_cache(args.cache, args.site_cache)
+        return 0
+    if args.action == "check-devices":
+        return exit_on_user_error(check_devices)(args.exp_args)
+    if args.action == "benchmark-params":
+        return benchmark_params(args.settings)
+    if args.action == "throughput-row":
+        return throughput_row(args.table)
     return requeue(args.job_id, args.key)
 
 
