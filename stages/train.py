@@ -71,9 +71,8 @@ def run_rank(rank: int, world: int) -> None:
         for s in ("train", "valid")
         for xy in "xy"
     ]
-    # The provenance records torch's thread count: make it the one training runs with, not the
-    # launcher's default (the machine's cores; torchrun and SLURM set OMP_NUM_THREADS), or the
-    # model's bytes would depend on the machine and on how the stage was started.
+    # train.threads from here on, not the launcher's default (the machine's cores; torchrun and
+    # SLURM set OMP_NUM_THREADS): what runs before train() (provenance) must not see another.
     torch.set_num_threads(p.threads)
     prov = provenance("train", p.seed, device, [*inputs, EXCLUSIONS, STATS])
     prov["world_size"] = world
