@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -124,6 +125,14 @@ def copy_repo(dest: Path, overrides: dict | None = None) -> Path:
     return dest
 
 
+def repro_and_commit(repo: Path, target: str) -> Path:
+    """`dvc repro TARGET` in a repo copy, and commit what it wrote (metrics and plots in git)."""
+    dvc(["repro", target], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "repro"], repo)
+    return repo
+
+
 def set_params(repo: Path, overrides: dict) -> None:
     path = repo / "params.yaml"
     doc = yaml.safe_load(path.read_text())
@@ -179,6 +188,15 @@ def stage_process(dvc_pid: int, script: str) -> int | None:
                 return pid
             todo.append(pid)
     return None
+
+
+def end_dvc_and_stage(proc: subprocess.Popen, stage: int | None) -> None:
+    """Cleanup after a test that signals dvc or its stage: kill whichever is still running."""
+    if stage and alive(stage):
+        os.kill(stage, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def alive(pid: int) -> bool:

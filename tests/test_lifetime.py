@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e import alive, wait_for
+from tests.e2e import alive, end_dvc_and_stage, wait_for
 
 # What DVC does: `$SHELL -c CMD` with DVC_STAGE set (dvc/stage/run.py), here from a script named
 # `dvc`, which is how pcam.lifetime recognises it.
@@ -55,11 +55,7 @@ def test_the_stage_gets_sigterm_when_dvc_dies(tmp_path, shell, sig):
         proc.wait(timeout=10)
         wait_for(lambda: not alive(stage), 10, f"the stage ends after dvc got {sig.name}")
     finally:
-        if stage and alive(stage):
-            os.kill(stage, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        end_dvc_and_stage(proc, stage)
     assert (tmp_path / "stage.pid.term").read_text() == "SIGTERM"
 
 

@@ -26,9 +26,11 @@ from tests.e2e import (
     children,
     copy_repo,
     dvc,
+    end_dvc_and_stage,
     env,
     files_under,
     free_port,
+    repro_and_commit,
     run,
     set_params,
     stage_process,
@@ -45,10 +47,7 @@ RESTORE = re.compile(r"`(python -m pcam\.restore [\w-]+)`")
 def repo(tmp_path_factory) -> Path:
     """A copy that ran prepare..train once and committed the result (metrics and plots in git)."""
     repo = copy_repo(tmp_path_factory.mktemp("nothing-lost") / "repo", TINY)
-    dvc(["repro", "train"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-q", "-m", "repro"], repo)
-    return repo
+    return repro_and_commit(repo, "train")
 
 
 def assert_back_to_committed_state(repo: Path, outputs: tuple[str, ...], before: dict) -> None:
@@ -159,10 +158,7 @@ def test_killing_dvc_ends_the_stage(repo, tmp_path, sig):
         proc.wait(timeout=30)
         seconds = wait_for(lambda: not alive(stage_pid), 60, "the stage ends after dvc")
     finally:
-        if stage_pid and alive(stage_pid):
-            os.kill(stage_pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
+        end_dvc_and_stage(proc, stage_pid)
     print(f"stage ended {seconds:.1f} s after dvc got {sig.name}")
     # Nothing written after the stage ended, and no trained model or train metrics at all: the
     # train metrics are written only when training finishes (DVC deleted the earlier ones).

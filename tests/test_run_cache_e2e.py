@@ -25,11 +25,12 @@ import yaml
 from pcam.checkpoint import load_checkpoint
 from tests.e2e import (
     TINY,
-    alive,
     copy_repo,
     dvc,
+    end_dvc_and_stage,
     env,
     files_under,
+    repro_and_commit,
     run,
     set_params,
     stage_process,
@@ -56,10 +57,7 @@ UPSTREAM = {
 def base(tmp_path_factory) -> Path:
     """A copy that ran prepare..train once and committed the result."""
     repo = copy_repo(tmp_path_factory.mktemp("run-cache") / "repo", BASE)
-    dvc(["repro", "train"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-q", "-m", "repro"], repo)
-    return repo
+    return repro_and_commit(repo, "train")
 
 
 @pytest.fixture
@@ -141,11 +139,7 @@ def test_resume_after_sigterm_gives_the_uninterrupted_bytes(repo, tmp_path, monk
         os.kill(stage_pid, signal.SIGTERM)
         proc.wait(timeout=120)
     finally:
-        if stage_pid and alive(stage_pid):
-            os.kill(stage_pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        end_dvc_and_stage(proc, stage_pid)
     log = log_path.read_text()
     assert proc.returncode != 0 and "exited with 75" in log, log
     assert "train: stopped by SIGTERM" in log and f"checkpoint saved to {CHECKPOINT}" in log, log

@@ -340,26 +340,42 @@ class DvcFailed(Exception):
     """dvc itself could not report a status (not a repo, invalid YAML, dvc missing)."""
 
 
-def dvc_status(repo: Path) -> dict[str, Any]:
-    """Run `dvc status --json` in `repo` and return its parsed stdout."""
+def run_dvc(args: list[str], repo: Path) -> subprocess.CompletedProcess[str]:
+    """`dvc ARGS` in `repo`, output captured; DvcFailed when there is no dvc to run."""
     dvc = dvc_executable()
     if dvc is None:
         raise DvcFailed("dvc not found next to the Python interpreter or on PATH")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run(
-        [dvc, "status", "--json"], cwd=repo, env=env, capture_output=True, text=True, check=False
+    return subprocess.run(
+        [dvc, *args], cwd=repo, env=env, capture_output=True, text=True, check=False
     )
+
+
+def error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """dvc's own `ERROR: ...` line, else whatever it printed."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR: ")]
+    return lines[0].removeprefix("ERROR: ") if lines else proc.stderr.strip() or proc.stdout.strip()
+
+
+def dvc_json(args: list[str], repo: Path) -> dict[str, Any]:
+    """Run `dvc ARGS` (ARGS including --json) in `repo`; its stdout parsed as a JSON object."""
+    proc = run_dvc(args, repo)
+    command = f"`dvc {' '.join(args)}`"
     if proc.returncode != 0:
-        message = proc.stderr.strip().removeprefix("ERROR: ") or proc.stdout.strip()
-        raise DvcFailed(f"`dvc status` exited {proc.returncode}: {message}")
+        raise DvcFailed(f"{command} exited {proc.returncode}: {error_line(proc)}")
     # Warnings (e.g. about frozen stages) go to stderr; stdout holds only the JSON.
     try:
         status = json.loads(proc.stdout or "{}")
     except json.JSONDecodeError as err:
-        raise DvcFailed(f"`dvc status --json` printed something that is not JSON: {err}") from err
+        raise DvcFailed(f"{command} printed something that is not JSON: {err}") from err
     if not isinstance(status, dict):
-        raise DvcFailed(f"`dvc status --json` printed a {type(status).__name__}, not an object")
+        raise DvcFailed(f"{command} printed a {type(status).__name__}, not an object")
     return status
+
+
+def dvc_status(repo: Path) -> dict[str, Any]:
+    """Run `dvc status --json` in `repo` and return its parsed stdout."""
+    return dvc_json(["status", "--json"], repo)
 
 
 def read_lock(repo: Path) -> dict[str, Any]:

@@ -19,15 +19,12 @@ Exit 2: no remote configured, or dvc could not reach it (the message says which)
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pcam.lockcheck import dvc_executable
+from pcam.lockcheck import DvcFailed, dvc_json, run_dvc
 
 HINTS = {True: "in the local cache: dvc push", False: "not in the local cache either"}
 
@@ -37,7 +34,7 @@ NO_DEFAULT_HINT = (
 )
 
 
-class RemoteCheckFailed(Exception):
+class RemoteCheckFailed(DvcFailed):
     """dvc could not answer (no remote, unreachable remote, invalid repo)."""
 
 
@@ -47,24 +44,11 @@ class Missing:
     in_cache: bool
 
 
-def _dvc(args: list[str], repo: Path) -> subprocess.CompletedProcess[str]:
-    dvc = dvc_executable()
-    if dvc is None:
-        raise RemoteCheckFailed("dvc not found next to the Python interpreter or on PATH")
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    return subprocess.run([dvc, *args], cwd=repo, env=env, capture_output=True, text=True)
-
-
-def _error_line(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR: ")]
-    return lines[0].removeprefix("ERROR: ") if lines else proc.stderr.strip() or proc.stdout.strip()
-
-
 def remote_name(repo: Path, remote: str | None) -> str:
     """The remote to check: `remote` when given, else the repo's default remote."""
     if remote:
         return remote
-    proc = _dvc(["remote", "default"], repo)
+    proc = run_dvc(["remote", "default"], repo)
     name = proc.stdout.strip()
     if proc.returncode != 0 or not name:
         raise RemoteCheckFailed(NO_DEFAULT_HINT)
@@ -78,17 +62,9 @@ def not_in_remote(status: dict[str, Any]) -> list[Missing]:
 
 
 def data_status(repo: Path, remote: str) -> dict[str, Any]:
-    args = ["data", "status", "--not-in-remote", "--granular", "--json", "--remote", remote]
-    proc = _dvc(args, repo)
-    if proc.returncode != 0:
-        raise RemoteCheckFailed(f"`dvc data status -r {remote}` failed: {_error_line(proc)}")
-    try:
-        status = json.loads(proc.stdout or "{}")
-    except json.JSONDecodeError as err:
-        raise RemoteCheckFailed(f"`dvc data status --json` printed no JSON: {err}") from err
-    if not isinstance(status, dict):
-        raise RemoteCheckFailed(f"`dvc data status --json` printed a {type(status).__name__}")
-    return status
+    return dvc_json(
+        ["data", "status", "--not-in-remote", "--granular", "--json", "--remote", remote], repo
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         remote = remote_name(args.repo, args.remote)
         missing = not_in_remote(data_status(args.repo, remote))
-    except RemoteCheckFailed as err:
+    except DvcFailed as err:
         print(f"remote-check: {err}", file=sys.stderr)
         return 2
     if not missing:
