@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -37,7 +36,7 @@ time.sleep(120)
 @pytest.mark.parametrize("shell", ["/bin/bash", "/bin/sh"])
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_the_stage_gets_sigterm_when_dvc_dies(tmp_path, shell, sig):
-    if not Path(shell).exists() or not shutil.which("python3"):
+    if not Path(shell).exists():
         pytest.skip(f"no {shell}")
     dvc = tmp_path / "dvc"
     dvc.write_text(f"#!{sys.executable}\n{FAKE_DVC}")
