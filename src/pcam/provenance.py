@@ -87,10 +87,18 @@ def device_info(device: torch.device | str = "cpu") -> dict[str, object]:
 
 def machine_info(device: torch.device | str = "cpu") -> dict[str, object]:
     """The machine itself, for outputs that hold timings: CPU model, ISA flags, cores, GPU."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        cpuinfo = []
+    fields = dict(line.split(":", 1) for line in reversed(cpuinfo) if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
     info = device_info(device) | {
         "torch_threads": torch.get_num_threads(),
-        "cpu": _cpu_model(),
-        "cpu_isa": _cpu_isa(),
+        "cpu": fields.get("model name") or platform.processor() or "unknown",
+        "cpu_isa": [f for f in wanted if f in flags],
         "cores": os.cpu_count(),
     }
     if torch.device(device).type == "cuda":
@@ -98,26 +106,6 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, object]:
             torch.cuda.get_device_properties(device).total_memory / 2**30, 1
         )
     return info
-
-
-def _cpuinfo_field(field: str) -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(field):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def _cpu_model() -> str:
-    return _cpuinfo_field("model name") or platform.processor() or "unknown"
-
-
-def _cpu_isa() -> list[str]:
-    flags = set((_cpuinfo_field("flags") or "").split())
-    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
-    return [f for f in wanted if f in flags]
 
 
 def provenance(stage: str, seed: int | None, device: torch.device | str = "cpu", inputs=()) -> dict:
