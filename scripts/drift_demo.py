@@ -3,12 +3,10 @@ official test split: what `python -m pcam.drift` reports for each.
 
     python scripts/drift_demo.py [--n 1024] [--out-dir .cache/drift-demo]
 
-Needs the pipeline's outputs (`dvc repro`): the model, data/drift_reference.json and the
-validation predictions. The site has 4 slides the model never saw, drawn from the same stain
-model as training; the shifted copies hold the same tissue in other colours (synthetic.ANOTHER_LAB,
-at half and at full strength). Prints Markdown tables: the drift statistics, and (the site's
-labels being known) the model's quality at the stored threshold on each. The JSON reports and
-plots stay in --out-dir.
+Needs the pipeline's outputs (`dvc repro`). The site has 4 slides the model never saw, from the
+training stain model; the shifted copies hold the same tissue in other colours (ANOTHER_LAB at half
+and full strength). Prints Markdown tables: the drift statistics, and (labels being known) the
+model's quality at the stored threshold. The JSON reports and plots stay in --out-dir.
 """
 
 from __future__ import annotations

@@ -7,21 +7,19 @@ the validation split?
 NEW: PCAM .h5 files (dataset "x"), 96x96 PNG/JPEG patches, or directories of them (as
 `python -m pcam.predict` takes). Compared with:
 
-- colour and stain: the features of `pcam.stain` on NEW against those of a sample of the training
-  split (data/drift_reference.json, written by compute-stats). A feature is flagged when its mean
-  on NEW lies more than `drift.feature_shift_max` training standard deviations from the
-  training mean (standardised mean difference). Training's spread already holds its
-  slide-to-slide stain variation, so a site whose slides stain like some training slides passes.
-  PSI and KS are reported beside it but do not flag: they also react to how few slides NEW holds
-  (a few slides make a narrower distribution), and flagged every unseen 4-slide synthetic split.
-- predictions: the model's probabilities on NEW against its probabilities on valid
-  (data/predictions/valid.npz, written by evaluate), flagged when the PSI exceeds
-  `drift.prediction_psi_max` or the KS statistic `drift.prediction_ks_max`. A site with another
-  share of tumour patches moves this too: a flag here means "look", not "broken".
+- colour and stain: `pcam.stain` features of NEW against a training sample
+  (data/drift_reference.json, from compute-stats), flagged when NEW's mean lies more than
+  `drift.feature_shift_max` training standard deviations from training's. Training's spread holds
+  its slide-to-slide stain variation, so a site whose slides stain like some training slides
+  passes. PSI and KS are reported but do not flag: they also react to how few slides NEW holds (a
+  few slides make a narrower distribution), and flagged every unseen 4-slide synthetic split.
+- predictions: the model's probabilities on NEW against those on valid (data/predictions/valid.npz,
+  from evaluate), flagged above `drift.prediction_psi_max` (PSI) or `drift.prediction_ks_max` (KS).
+  A site with another share of tumour patches moves this too: a flag means "look", not "broken".
 
-Writes a JSON report and a PNG (one histogram per feature and one of the probabilities; flagged
-panels in red). Exit status 0 (also when drift is found, unless --fail-on-drift: then 3), 1 for
-bad input. Thresholds come from params.yaml (drift.*). torch is imported only to run the model.
+Writes a JSON report and a PNG (a histogram per feature and of the probabilities, flagged panels
+red). Exit status 0 (also on drift, unless --fail-on-drift: then 3), 1 for bad input. torch is
+imported only to run the model.
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -147,10 +146,7 @@ def check(args: argparse.Namespace, p: DriftParams) -> tuple[dict, list[tuple]]:
         "flagged": flagged,
         "new": {"n_patches": len(x), "files": files},
         "reference": {"n_patches": len(reference), "valid_n_patches": len(valid)},
-        "thresholds": {
-            k: getattr(p, k)
-            for k in ("feature_shift_max", "prediction_psi_max", "prediction_ks_max")
-        },
+        "thresholds": {k: v for k, v in asdict(p).items() if k.endswith("_max")},
         "features": features,
         "predictions": predictions,
     }

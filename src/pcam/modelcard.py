@@ -82,12 +82,9 @@ def with_ci(metric) -> str:
 
 
 def rule_meaning(rule) -> str:
-    text = str(rule)
-    if text in RULES:
-        return RULES[text]
-    if text.startswith("sensitivity@"):
-        return f"the highest threshold whose sensitivity on valid is at least {text[12:]}"
-    return "a fixed number (evaluate.threshold)"
+    if str(rule).startswith("sensitivity@"):
+        return f"the highest threshold whose sensitivity on valid is at least {str(rule)[12:]}"
+    return RULES.get(str(rule), "a fixed number (evaluate.threshold)")
 
 
 def lock_md5(lock: Source, stage: str, path: str) -> str | None:
@@ -144,30 +141,28 @@ def slice_lines(sl: Source) -> list[str]:
 
 def data_lines(dr: Source, p: Source, tr: Source) -> list[str]:
     source = p.get("data.source")
+    about = (
+        "the synthetic stand-in for PCAM: figures here say nothing about real tissue"
+        if source == "synthetic"
+        else "PatchCamelyon, Zenodo record 2546921; published: P4M-DenseNet test ROC-AUC 0.963, "
+        "accuracy 0.898, Veeling et al. 2018"
+    )
     splits = sorted((dr.get("splits", {}) or {}).items(), key=lambda kv: SPLIT_ORDER.get(kv[0], 9))
     rows = [[s, r.get("n"), num(r.get("positive_fraction")), r.get("excluded")] for s, r in splits]
     reasons = dr.get("exclude_reasons", [])
-    use = p.get("train.use_exclusions")
+    trained = (
+        "left out the train patches flagged for these reasons"
+        if p.get("train.use_exclusions")
+        else "used every train patch (train.use_exclusions: false), as published work does"
+    )
     skipped = {why for _, r in splits for why in r.get("skipped", {}).values()}
     return [
-        f"- source: `{source}`"
-        + (
-            " (the synthetic stand-in for PCAM: figures here say nothing about real tissue)"
-            if source == "synthetic"
-            else " (PatchCamelyon, Zenodo record 2546921; published: P4M-DenseNet test "
-            "ROC-AUC 0.963, accuracy 0.898, Veeling et al. 2018)"
-        ),
+        f"- source: `{source}` ({about})",
         "",
         *table(["split", "patches", "positive fraction", "flagged for exclusion"], rows, 1, False),
         "",
         f"- exclusion reasons (validate.exclude): {', '.join(reasons or []) or 'none'}",
-        "- training "
-        + (
-            "left out the train patches flagged for these reasons"
-            if use
-            else "used every train patch (train.use_exclusions: false), as published work does"
-        )
-        + f"; {tr.get('n_train', 'not recorded')} patches trained on.",
+        f"- training {trained}; {tr.get('n_train', 'not recorded')} patches trained on.",
         "- test metrics are on the whole official test split; the column without exclusions "
         "shows what the flagged test patches change.",
         *(f"- skipped (no meta CSV): {why}" for why in sorted(skipped)),
