@@ -130,3 +130,14 @@ def test_no_outputs_is_a_one_line_error(tmp_path, capsys):
         modelcard.main(["--root", str(tmp_path), "--out", str(tmp_path / "card.md")])
     assert stop.value.code == 1
     assert "metrics/details/eval.json: not found (run `dvc repro` first)" in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_json_is_a_one_line_error(outputs, tmp_path, capsys):
+    root, _ = outputs
+    (root / "metrics/details/train.json").write_text("{not json")
+    with pytest.raises(SystemExit) as stop:
+        card(root, tmp_path, capsys)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and len(err.splitlines()) == 1
+    assert err.startswith("error: metrics/details/train.json: not JSON")
+    assert not (tmp_path / "reports" / "card.md").exists()

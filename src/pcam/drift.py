@@ -7,21 +7,19 @@ the validation split?
 NEW: PCAM .h5 files (dataset "x"), 96x96 PNG/JPEG patches, or directories of them (as
 `python -m pcam.predict` takes). Compared with:
 
-- colour and stain: the features of `pcam.stain` on NEW against those of a sample of the training
-  split (data/drift_reference.json, written by compute-stats). A feature is flagged when its mean
-  on NEW lies more than `drift.feature_shift_max` training standard deviations from the
-  training mean (standardised mean difference). Training's spread already holds its
-  slide-to-slide stain variation, so a site whose slides stain like some training slides passes.
-  PSI and KS are reported beside it but do not flag: they also react to how few slides NEW holds
-  (a few slides make a narrower distribution), and flagged every unseen 4-slide synthetic split.
-- predictions: the model's probabilities on NEW against its probabilities on valid
-  (data/predictions/valid.npz, written by evaluate), flagged when the PSI exceeds
-  `drift.prediction_psi_max` or the KS statistic `drift.prediction_ks_max`. A site with another
-  share of tumour patches moves this too: a flag here means "look", not "broken".
+- colour and stain: `pcam.stain` features of NEW against a training sample
+  (data/drift_reference.json, from compute-stats), flagged when NEW's mean lies more than
+  `drift.feature_shift_max` training standard deviations from training's. Training's spread holds
+  its slide-to-slide stain variation, so a site whose slides stain like some training slides
+  passes. PSI and KS are reported but do not flag: they also react to how few slides NEW holds (a
+  few slides make a narrower distribution), and flagged every unseen 4-slide synthetic split.
+- predictions: the model's probabilities on NEW against those on valid (data/predictions/valid.npz,
+  from evaluate), flagged above `drift.prediction_psi_max` (PSI) or `drift.prediction_ks_max` (KS).
+  A site with another share of tumour patches moves this too: a flag means "look", not "broken".
 
-Writes a JSON report and a PNG (one histogram per feature and one of the probabilities; flagged
-panels in red). Exit status 0 (also when drift is found, unless --fail-on-drift: then 3), 1 for
-bad input. Thresholds come from params.yaml (drift.*). torch is imported only to run the model.
+Writes a JSON report and a PNG (a histogram per feature and of the probabilities, flagged panels
+red). Exit status 0 (also on drift, unless --fail-on-drift: then 3), 1 for bad input. torch is
+imported only to run the model.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -42,15 +40,6 @@ from pcam.params import DriftParams, load_params
 EXIT_DRIFT = 3
 
 
-@dataclass(frozen=True)
-class DriftResult:
-    report: dict  # what the JSON holds
-    reference: np.ndarray  # (k, features) the training sample
-    new: np.ndarray  # (n, features) NEW
-    valid_probability: np.ndarray
-    new_probability: np.ndarray
-
-
 def load_reference(path: Path) -> np.ndarray:
     """The training sample's features as (n, len(stain.FEATURES)), in stain.FEATURES order."""
     if not path.is_file():
@@ -61,14 +50,7 @@ def load_reference(path: Path) -> np.ndarray:
             f"{path}: features {doc.get('features')} differ from this code's "
             f"{list(stain.FEATURES)} (run `dvc repro compute-stats`)"
         )
-    return np.column_stack([np.asarray(doc["values"][name]) for name in stain.FEATURES])
-
-
-def load_valid_probabilities(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise PcamError(f"{path}: validation predictions not found (run `dvc repro evaluate`)")
-    with np.load(path) as saved:
-        return saved["probability"]
+    return np.column_stack([doc["values"][name] for name in stain.FEATURES])
 
 
 def compare(reference: np.ndarray, new: np.ndarray, bins: int) -> dict:
@@ -88,21 +70,6 @@ def compare(reference: np.ndarray, new: np.ndarray, bins: int) -> dict:
     }
 
 
-def feature_drift(reference: np.ndarray, new: np.ndarray, p: DriftParams) -> dict[str, dict]:
-    out = {}
-    for i, name in enumerate(stain.FEATURES):
-        c = compare(reference[:, i], new[:, i], p.bins)
-        c["flagged"] = abs(c["shift_in_sd"]) > p.feature_shift_max
-        out[name] = c
-    return out
-
-
-def prediction_drift(valid: np.ndarray, new: np.ndarray, p: DriftParams) -> dict:
-    c = compare(valid, new, p.bins)
-    c["flagged"] = c["psi"] > p.prediction_psi_max or c["ks"] > p.prediction_ks_max
-    return c
-
-
 def read_patches(inputs: list[Path]) -> tuple[np.ndarray, list[str]]:
     """Every patch of NEW as one (n, 96, 96, 3) uint8 array, and the files they came from."""
     from pcam import h5io
@@ -115,104 +82,80 @@ def read_patches(inputs: list[Path]) -> tuple[np.ndarray, list[str]]:
             fh, ds = h5io.open_dataset(f, "x")
             with fh:
                 h5io.check_x_dataset(f, ds)
-                blocks.append(
-                    h5io.pixels_as_uint8(f, h5io.read_rows(ds, slice(0, ds.shape[0]), f), 0)
-                )
+                blocks.append(h5io.pixels_as_uint8(f, h5io.read_rows(ds, slice(0, len(ds)), f), 0))
         else:
             blocks.append(read_image(f, center_crop=False, convert_rgb=False)[None])
     return np.concatenate(blocks), [str(f) for f in files]
 
 
 def probabilities(model_path: Path, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """The model's probabilities for uint8 patches, on the CPU."""
-    import torch
+    """The model's probabilities for uint8 patches, on the CPU (as `pcam.predict` gives them)."""
+    from pcam.predict import sigmoid, torch_backend
 
-    from pcam.checkpoint import load_checkpoint, load_model
-    from pcam.inference import predict_logits, sigmoid
-
-    ckpt = load_checkpoint(model_path)
-    model = load_model(ckpt, model_path)
-    mean = torch.tensor(ckpt["normalisation"]["mean"])
-    std = torch.tensor(ckpt["normalisation"]["std"])
-    return sigmoid(predict_logits(model, torch.from_numpy(x), mean, std, batch_size))
+    return sigmoid(torch_backend(model_path, "cpu", batch_size)[0](x))
 
 
-def plot(path: Path, r: DriftResult) -> None:
-    """One panel per feature and one for the probabilities: reference vs NEW densities."""
+def plot(path: Path, panels: list[tuple]) -> None:
+    """One panel per (name, reference, NEW, statistics): the two densities, red if flagged."""
     from pcam.plots import plt, save_figure
 
-    panels = [
-        (name, r.reference[:, i], r.new[:, i], r.report["features"][name])
-        for i, name in enumerate(stain.FEATURES)
-    ]
-    panels.append(
-        (
-            "probability (valid vs NEW)",
-            r.valid_probability,
-            r.new_probability,
-            r.report["predictions"],
-        )
-    )
-    cols = 3
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows))
+    rows = -(-len(panels) // 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(12, 2.8 * rows))
     for ax, (name, ref, cur, c) in zip(axes.flat, panels, strict=False):
         edges = np.histogram_bin_edges(np.concatenate([ref, cur]), bins=40)
         ax.hist(ref, edges, density=True, alpha=0.5, label="reference")
         ax.hist(cur, edges, density=True, alpha=0.5, label="NEW")
-        ax.set_title(
-            f"{name}\nshift {c['shift_in_sd']:+.2f} sd, PSI {c['psi']:.2f}, KS {c['ks']:.2f}",
-            fontsize=9,
-            color="red" if c["flagged"] else "black",
-        )
+        title = f"{name}\nshift {c['shift_in_sd']:+.2f} sd, PSI {c['psi']:.2f}, KS {c['ks']:.2f}"
+        ax.set_title(title, fontsize=9, color="red" if c["flagged"] else "black")
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(panels) :]:
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
 
 
-def check(
-    inputs: list[Path],
-    model_path: Path,
-    reference_path: Path,
-    valid_predictions: Path,
-    p: DriftParams,
-    batch_size: int,
-) -> DriftResult:
-    reference = load_reference(reference_path)
-    valid = load_valid_probabilities(valid_predictions)
-    x, files = read_patches(inputs)
+def check(args: argparse.Namespace, p: DriftParams) -> tuple[dict, list[tuple]]:
+    """The report, and the plot's panels."""
+    reference = load_reference(args.reference)
+    if not args.valid_predictions.is_file():
+        raise PcamError(
+            f"{args.valid_predictions}: validation predictions not found (run `dvc repro evaluate`)"
+        )
+    with np.load(args.valid_predictions) as saved:
+        valid = saved["probability"]
+    x, files = read_patches(args.inputs)
     if len(x) < p.min_patches:
         raise PcamError(
-            f"{', '.join(map(str, inputs))}: {len(x)} patches, fewer than drift.min_patches = "
+            f"{', '.join(map(str, args.inputs))}: {len(x)} patches, fewer than drift.min_patches = "
             f"{p.min_patches} (too few for the statistics to mean anything)"
         )
     new = stain.patch_features(x)
-    prob = probabilities(model_path, x, batch_size)
-    features = feature_drift(reference, new, p)
-    predictions = prediction_drift(valid, prob, p)
-    flagged = [n for n, c in features.items() if c["flagged"]]
-    if predictions["flagged"]:
-        flagged.append("predictions")
+    prob = probabilities(args.model, x, args.batch_size)
+    panels = [(n, reference[:, i], new[:, i]) for i, n in enumerate(stain.FEATURES)]
+    features = {name: compare(ref, cur, p.bins) for name, ref, cur in panels}
+    for c in features.values():
+        c["flagged"] = abs(c["shift_in_sd"]) > p.feature_shift_max
+    predictions = compare(valid, prob, p.bins)
+    predictions["flagged"] = (
+        predictions["psi"] > p.prediction_psi_max or predictions["ks"] > p.prediction_ks_max
+    )
+    flagged = [n for n, c in [*features.items(), ("predictions", predictions)] if c["flagged"]]
     report = {
         "drift": bool(flagged),
         "flagged": flagged,
         "new": {"n_patches": len(x), "files": files},
         "reference": {"n_patches": len(reference), "valid_n_patches": len(valid)},
-        "thresholds": {
-            "feature_shift_max": p.feature_shift_max,
-            "prediction_psi_max": p.prediction_psi_max,
-            "prediction_ks_max": p.prediction_ks_max,
-        },
+        "thresholds": {k: v for k, v in asdict(p).items() if k.endswith("_max")},
         "features": features,
         "predictions": predictions,
     }
-    return DriftResult(report, reference, new, valid, prob)
+    panels = [(n, ref, cur, features[n]) for n, ref, cur in panels]
+    return report, [*panels, ("probability (valid vs NEW)", valid, prob, predictions)]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pcam.drift", description=__doc__.split("\n")[0])
     ap.add_argument("inputs", nargs="+", type=Path, metavar="NEW")
     ap.add_argument("--model", type=Path, default=Path("models/model.pt"))
@@ -222,27 +165,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=Path("reports/drift.json"))
     ap.add_argument("--plot", type=Path, default=Path("reports/drift.png"))
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument(
-        "--fail-on-drift", action="store_true", help=f"exit {EXIT_DRIFT} when drift is flagged"
-    )
-    return ap.parse_args(argv)
-
-
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    p = load_params(args.params).drift
-    result = check(
-        args.inputs, args.model, args.reference, args.valid_predictions, p, args.batch_size
-    )
-    report = result.report
-    plot(args.plot, result)
+    help_fail = f"exit {EXIT_DRIFT} when drift is flagged"
+    ap.add_argument("--fail-on-drift", action="store_true", help=help_fail)
+    args = ap.parse_args(argv)
+    report, panels = check(args, load_params(args.params).drift)
+    plot(args.plot, panels)
     write_json(args.out, report)
     for name, c in [*report["features"].items(), ("predictions", report["predictions"])]:
-        mark = "DRIFT" if c["flagged"] else "ok"
         print(
-            f"drift: {name:16s} {mark:5s} shift {c['shift_in_sd']:+.2f} sd  PSI {c['psi']:.3f}  "
-            f"KS {c['ks']:.3f}"
+            f"drift: {name:16s} {'DRIFT' if c['flagged'] else 'ok':5s} shift "
+            f"{c['shift_in_sd']:+.2f} sd  PSI {c['psi']:.3f}  KS {c['ks']:.3f}"
         )
     verdict = f"drift in {', '.join(report['flagged'])}" if report["drift"] else "no drift"
     print(f"drift: {report['new']['n_patches']} patches: {verdict} -> {args.out}, {args.plot}")

@@ -3,31 +3,22 @@
     python -m pcam.modelcard [--root .] [--out reports/model_card.md]      (or `make model-card`)
 
 Every number comes from a file the pipeline wrote (metrics/details/*.json, models/threshold.json,
-dvc.lock, params.yaml); nothing is typed in by hand. Each file is read by one small function
-below, and a value a file does not hold is shown as "not recorded" and listed at the end of the
-card (and on stderr), so the card still renders while the metrics files change shape. The figures
-are links to the PNGs the stages wrote.
+dvc.lock, params.yaml); nothing is typed in by hand. A value a file does not hold is shown as
+"not recorded" and listed at the end of the card (and on stderr), so the card still renders while
+the metrics files change shape. The figures are links to the PNGs the stages wrote.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-import yaml
-
 from pcam.errors import PcamError, exit_on_user_error
 from pcam.fileio import write_text
+from pcam.readme import CI_NAMES, lookup, read, table
 
-CI_NAMES = {
-    "roc_auc": "ROC-AUC",
-    "f2": "F2",
-    "sensitivity": "sensitivity",
-    "specificity": "specificity",
-}
 POINT_NAMES = {
     "pr_auc": "PR-AUC",
     "accuracy": "accuracy",
@@ -36,6 +27,11 @@ POINT_NAMES = {
     "f1": "F1",
     "brier": "Brier score",
     "ece": "expected calibration error",
+}
+COLUMNS = {
+    "test": "test (official, untouched)",
+    "test_without_exclusions": "test without exclusions",  # absent when test lost no patch
+    "valid": "valid",
 }
 FIGURES = {
     "plots/eval/roc.png": "ROC, valid and test",
@@ -60,63 +56,19 @@ class Source:
     """One output file; `get` answers a dotted key or records that the file lacks it."""
 
     def __init__(self, root: Path, rel: str, missing: list[str]):
-        self.rel, self.missing = rel, missing
-        path = root / rel
-        if not path.is_file():
-            self.doc = None
-            missing.append(f"{rel}: file not found")
-        elif rel.endswith((".yaml", ".lock")):
-            self.doc = yaml.safe_load(path.read_text())
+        self.rel, self.missing, self.doc = rel, missing, None
+        if (root / rel).is_file():
+            self.doc = read(root, rel)
         else:
-            self.doc = json.loads(path.read_text())
+            missing.append(f"{rel}: file not found")
 
-    def get(self, dotted: str, default=None):
-        node = self.doc
-        for key in dotted.split("."):
-            if not isinstance(node, dict) or key not in node:
-                if self.doc is not None:
-                    self.missing.append(f"{self.rel}: no '{dotted}'")
-                return default
-            node = node[key]
-        return node
-
-    def has(self, key: str) -> bool:
-        """A top-level key that may be absent by design (not recorded as missing)."""
-        return isinstance(self.doc, dict) and key in self.doc
-
-
-# --- one function per source ----------------------------------------------------------------
-
-
-def evaluation(root: Path, missing: list[str]) -> Source:
-    return Source(root, "metrics/details/eval.json", missing)
-
-
-def training(root: Path, missing: list[str]) -> Source:
-    return Source(root, "metrics/details/train.json", missing)
-
-
-def slices(root: Path, missing: list[str]) -> Source:
-    return Source(root, "metrics/details/slices.json", missing)
-
-
-def data_report(root: Path, missing: list[str]) -> Source:
-    return Source(root, "metrics/details/data.json", missing)
-
-
-def threshold_file(root: Path, missing: list[str]) -> Source:
-    return Source(root, "models/threshold.json", missing)
-
-
-def params(root: Path, missing: list[str]) -> Source:
-    return Source(root, "params.yaml", missing)
-
-
-def lock(root: Path, missing: list[str]) -> Source:
-    return Source(root, "dvc.lock", missing)
-
-
-# --- formatting -----------------------------------------------------------------------------
+    def get(self, key: str, default=None):
+        try:
+            return lookup(self.doc, key)
+        except KeyError:
+            if self.doc is not None:
+                self.missing.append(f"{self.rel}: no '{key}'")
+            return default
 
 
 def num(value, digits: int = 3) -> str:
@@ -130,114 +82,98 @@ def with_ci(metric) -> str:
 
 
 def rule_meaning(rule) -> str:
-    text = str(rule)
-    if text in RULES:
-        return RULES[text]
-    if text.startswith("sensitivity@"):
-        return f"the highest threshold whose sensitivity on valid is at least {text[12:]}"
-    return "a fixed number (evaluate.threshold)"
+    if str(rule).startswith("sensitivity@"):
+        return f"the highest threshold whose sensitivity on valid is at least {str(rule)[12:]}"
+    return RULES.get(str(rule), "a fixed number (evaluate.threshold)")
 
 
-def lock_md5(lock_doc: Source, stage: str, path: str) -> str | None:
+def lock_md5(lock: Source, stage: str, path: str) -> str | None:
     """The md5 dvc.lock records for an output of a stage."""
-    for out in lock_doc.get(f"stages.{stage}.outs", []) or []:
+    for out in lock.get(f"stages.{stage}.outs", []) or []:
         if out.get("path") == path:
             return out.get("md5")
-    lock_doc.missing.append(f"dvc.lock: no output {path} of stage {stage}")
+    lock.missing.append(f"dvc.lock: no output {path} of stage {stage}")
     return None
 
 
-# --- the card -------------------------------------------------------------------------------
+def plain(record) -> str:
+    """A flat {name: value} record as `name value, ...`."""
+    if not isinstance(record, dict):
+        return "not recorded"
+    return ", ".join(f"{k} {v}" for k, v in record.items())
 
 
 def metrics_table(ev: Source) -> list[str]:
-    columns = [("test", "test (official, untouched)"), ("valid", "valid")]
-    if ev.has("test_without_exclusions"):  # absent when nothing was excluded from test
-        columns.insert(1, ("test_without_exclusions", "test without exclusions"))
-    lines = [
-        "| metric | " + " | ".join(title for _, title in columns) + " |",
-        "|---|" + "---:|" * len(columns),
+    splits = [s for s in COLUMNS if s != "test_without_exclusions" or s in (ev.doc or {})]
+    rows = [
+        [name, *(with_ci(ev.get(f"{split}.{key}")) for split in splits)]
+        for key, name in {**CI_NAMES, **POINT_NAMES}.items()
     ]
-    for key, name in {**CI_NAMES, **POINT_NAMES}.items():
-        cells = [with_ci(ev.get(f"{split}.{key}")) for split, _ in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    n = [str(ev.get(f"{split}.n", "not recorded")) for split, _ in columns]
-    lines.append("| patches | " + " | ".join(n) + " |")
-    return lines
+    rows.append(["patches", *(ev.get(f"{split}.n", "not recorded") for split in splits)])
+    return table(["metric", *(COLUMNS[s] for s in splits)], rows, 1, spaced=False)
 
 
 def slice_lines(sl: Source) -> list[str]:
-    lines = [
-        "| slice | patches | positives | F2 (95% CI) | F2 gap to global | ROC-AUC (95% CI) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+    rows = []
     for name, s in (sl.get("slices", {}) or {}).items():
         f2 = s.get("f2")
-        gap = num(f2.get("gap_to_global")) if f2 else "—"
+        scores = [with_ci(f2), num(f2.get("gap_to_global"))] if f2 else ["—", "—"]
         note = f" ({s['not_scored']})" if "not_scored" in s else ""
-        lines.append(
-            f"| {name}{note} | {s.get('n')} | {s.get('positives')} | "
-            f"{with_ci(f2) if f2 else '—'} | {gap} | "
-            f"{with_ci(s['roc_auc']) if 'roc_auc' in s else '—'} |"
-        )
-    lines.append("")
+        auc = with_ci(s["roc_auc"]) if "roc_auc" in s else "—"
+        rows.append([f"{name}{note}", s.get("n"), s.get("positives"), *scores, auc])
+    header = [
+        "slice",
+        "patches",
+        "positives",
+        "F2 (95% CI)",
+        "F2 gap to global",
+        "ROC-AUC (95% CI)",
+    ]
     worst = sl.get("worst_slice")
-    lines.append(f"Worst slice by F2 gap: **{worst}**." if worst else "No slice could be scored.")
-    warnings = sl.get("warnings", []) or []
-    lines += [f"- warning: {w}" for w in warnings]
-    for what, why in (sl.doc or {}).get("skipped", {}).items():
-        lines.append(f"- skipped {what}: {why}")
-    return lines
+    return [
+        *table(header, rows, 1, spaced=False),
+        "",
+        f"Worst slice by F2 gap: **{worst}**." if worst else "No slice could be scored.",
+        *(f"- warning: {w}" for w in sl.get("warnings", []) or []),
+        *(f"- skipped {what}: {why}" for what, why in (sl.doc or {}).get("skipped", {}).items()),
+    ]
 
 
 def data_lines(dr: Source, p: Source, tr: Source) -> list[str]:
     source = p.get("data.source")
-    lines = [
-        f"- source: `{source}`"
-        + (
-            " (the synthetic stand-in for PCAM: figures here say nothing about real tissue)"
-            if source == "synthetic"
-            else " (PatchCamelyon, Zenodo record 2546921; published: P4M-DenseNet test "
-            "ROC-AUC 0.963, accuracy 0.898, Veeling et al. 2018)"
-        ),
-        "",
-        "| split | patches | positive fraction | flagged for exclusion |",
-        "|---|---:|---:|---:|",
-    ]
-    splits = dr.get("splits", {}) or {}
-    for split, r in sorted(splits.items(), key=lambda kv: SPLIT_ORDER.get(kv[0], 9)):
-        lines.append(
-            f"| {split} | {r.get('n')} | {num(r.get('positive_fraction'))} | {r.get('excluded')} |"
-        )
+    about = (
+        "the synthetic stand-in for PCAM: figures here say nothing about real tissue"
+        if source == "synthetic"
+        else "PatchCamelyon, Zenodo record 2546921; published: P4M-DenseNet test ROC-AUC 0.963, "
+        "accuracy 0.898, Veeling et al. 2018"
+    )
+    splits = sorted((dr.get("splits", {}) or {}).items(), key=lambda kv: SPLIT_ORDER.get(kv[0], 9))
+    rows = [[s, r.get("n"), num(r.get("positive_fraction")), r.get("excluded")] for s, r in splits]
     reasons = dr.get("exclude_reasons", [])
-    use = p.get("train.use_exclusions")
-    lines += [
+    trained = (
+        "left out the train patches flagged for these reasons"
+        if p.get("train.use_exclusions")
+        else "used every train patch (train.use_exclusions: false), as published work does"
+    )
+    skipped = {why for _, r in splits for why in r.get("skipped", {}).values()}
+    return [
+        f"- source: `{source}` ({about})",
+        "",
+        *table(["split", "patches", "positive fraction", "flagged for exclusion"], rows, 1, False),
         "",
         f"- exclusion reasons (validate.exclude): {', '.join(reasons or []) or 'none'}",
-        "- training "
-        + (
-            "left out the train patches flagged for these reasons"
-            if use
-            else "used every train patch (train.use_exclusions: false), as published work does"
-        )
-        + f"; {tr.get('n_train', 'not recorded')} patches trained on.",
+        f"- training {trained}; {tr.get('n_train', 'not recorded')} patches trained on.",
         "- test metrics are on the whole official test split; the column without exclusions "
         "shows what the flagged test patches change.",
+        *(f"- skipped (no meta CSV): {why}" for why in sorted(skipped)),
     ]
-    skipped = {
-        why for r in (dr.get("splits", {}) or {}).values() for why in r.get("skipped", {}).values()
-    }
-    lines += [f"- skipped (no meta CSV): {why}" for why in sorted(skipped)]
-    return lines
 
 
 def figure_lines(root: Path, out: Path) -> list[str]:
     lines = []
     for rel, caption in FIGURES.items():
         if (root / rel).is_file():
-            link = os.path.relpath(root / rel, out.parent)
-            lines.append(f"![{caption}]({link})")
-            lines.append("")
+            lines += [f"![{caption}]({os.path.relpath(root / rel, out.parent)})", ""]
     return lines or ["No figures found (run `dvc repro`)."]
 
 
@@ -253,7 +189,7 @@ def limitation_lines(ev: Source, sl: Source, p: Source) -> list[str]:
         f"- Calibration: expected calibration error {num(ev.get('test.ece'))} on test; read "
         "probabilities as scores unless that is small.",
     ]
-    gap, worst = None, sl.get("worst_slice")
+    worst = sl.get("worst_slice")
     if worst:
         gap = sl.get(f"slices.{worst}.f2.gap_to_global")
         lines.append(f"- Weakest slice: {worst}, F2 {num(gap)} below the global F2.")
@@ -268,12 +204,14 @@ def limitation_lines(ev: Source, sl: Source, p: Source) -> list[str]:
 def render(root: Path, out: Path) -> tuple[str, list[str]]:
     """The card's Markdown and what it could not find."""
     missing: list[str] = []
-    ev, tr, sl = evaluation(root, missing), training(root, missing), slices(root, missing)
-    dr, th, p, lk = (
-        data_report(root, missing),
-        threshold_file(root, missing),
-        params(root, missing),
-        lock(root, missing),
+    ev, tr, sl, dr, th, p, lk = (
+        Source(root, rel, missing)
+        for rel in (
+            *(f"metrics/details/{name}.json" for name in ("eval", "train", "slices", "data")),
+            "models/threshold.json",
+            "params.yaml",
+            "dvc.lock",
+        )
     )
     model = p.get("train.model")
     rule, value = ev.get("threshold.rule"), ev.get("threshold.value")
@@ -328,8 +266,8 @@ def render(root: Path, out: Path) -> tuple[str, list[str]]:
         "",
         f"- model md5 {lock_md5(lk, 'train', 'models/model.pt')}; data/raw md5 "
         f"{lock_md5(lk, 'prepare', 'data/raw')} (dvc.lock)",
-        f"- library versions: {_versions(tr)}",
-        f"- device: {_plain(tr.get('provenance.device'))}",
+        f"- library versions: {plain(tr.get('provenance.versions'))}",
+        f"- device: {plain(tr.get('provenance.device'))}",
         "- reproduce: `git checkout <commit> && dvc pull && dvc repro` (dvc.lock pins code, "
         "params and data hashes)",
     ]
@@ -338,29 +276,14 @@ def render(root: Path, out: Path) -> tuple[str, list[str]]:
     return "\n".join(parts) + "\n", missing
 
 
-def _versions(tr: Source) -> str:
-    return _plain(tr.get("provenance.versions"))
-
-
-def _plain(record) -> str:
-    """A flat {name: value} record as `name value, ...`."""
-    if not isinstance(record, dict):
-        return "not recorded"
-    return ", ".join(f"{k} {v}" for k, v in record.items())
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m pcam.modelcard", description=__doc__.split("\n")[0]
     )
     ap.add_argument("--root", type=Path, default=Path("."), help="the repository (outputs)")
     ap.add_argument("--out", type=Path, default=Path("reports/model_card.md"))
-    return ap.parse_args(argv)
-
-
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = ap.parse_args(argv)
     if not (args.root / "metrics/details/eval.json").is_file():
         raise PcamError(
             f"{args.root / 'metrics/details/eval.json'}: not found (run `dvc repro` first)"
