@@ -39,6 +39,8 @@ MODEL_FILES = ("model.onnx", "model.pt", "threshold.json", "onnx_parity.json")
 
 def pinned_requirements(constraints: Path) -> list[str]:
     """The runtime packages at their versions in constraints.txt (the versions tested here)."""
+    if not constraints.is_file():
+        raise PcamError(f"{constraints}: not found (the exact versions; see --constraints)")
     lines = [line.partition("==") for line in constraints.read_text().splitlines()]
     pins = {
         re.sub(r"[-_.]+", "-", n.strip().lower()): v.strip()

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import platform
-import time
+import timeit
 import warnings
 from pathlib import Path
 
@@ -121,13 +121,9 @@ def parity(
 def images_per_s(run, x: np.ndarray, batch_size: int, passes: int = 3) -> float:
     """Best of `passes` timed passes over x in batches, after one warm-up batch."""
     run(x[:batch_size])
-    best = float("inf")
-    for _ in range(passes):
-        start = time.perf_counter()
-        for i in range(0, len(x), batch_size):
-            run(x[i : i + batch_size])
-        best = min(best, time.perf_counter() - start)
-    return len(x) / best
+    batches = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+    seconds = timeit.repeat(lambda: [run(b) for b in batches], repeat=passes, number=1)
+    return len(x) / min(seconds)
 
 
 def speed(model: nn.Module, mean, std, onnx_path: Path, x: np.ndarray, threads: int) -> dict:

@@ -17,8 +17,7 @@ threshold.json next to the model, written by `evaluate` for that very checkpoint
 
 Backends: torch (models/model.pt) or onnx (models/model.onnx from `python -m pcam.export`, runs on
 onnxruntime without torch, which makes start-up several seconds shorter). The backend follows the
---model suffix unless --backend says otherwise. Imports happen where they are needed, so that
-`--help` or a missing file is answered at once.
+--model suffix unless --backend says otherwise.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
+import numpy as np  # the rest is imported where needed: `--help` or a typo is answered at once
 
 from pcam.errors import PcamError, exit_on_user_error
 from pcam.fileio import md5_file, write_text
@@ -144,11 +143,8 @@ def expand_inputs(inputs: list[Path], keep_going: bool) -> Inputs:
         try:
             if path.is_dir():
                 suffixes = IMAGE_SUFFIXES | H5_SUFFIXES
-                files = sorted(
-                    q
-                    for q in path.iterdir()
-                    if q.suffix.lower() in suffixes and not is_label_file(q)
-                )
+                files = sorted(q for q in path.iterdir() if q.suffix.lower() in suffixes)
+                files = [q for q in files if not is_label_file(q)]
                 if not files:
                     raise PcamError(f"{path}: directory holds no .h5, .png or .jpg files to score")
                 found.files.extend(files)
