@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -24,16 +23,11 @@ from PIL import Image
 from pcam import bundle, h5io
 from pcam.predict import main
 from tests.conftest import REPO
+from tests.test_offline_clone import needs_unshare
 from tests.test_predict import BACKEND_TOL, read_rows
 
 WHEEL_CACHE = REPO / ".cache" / "bundle-wheels"
 CONSTRAINTS = REPO / "constraints.txt"
-
-
-def can_unshare_network() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
 
 
 def index_reachable() -> bool:
@@ -46,9 +40,7 @@ def index_reachable() -> bool:
 
 
 pytestmark = [
-    pytest.mark.skipif(
-        not can_unshare_network(), reason="needs `unshare -n` (root) for a network-less namespace"
-    ),
+    needs_unshare,
     pytest.mark.skipif(
         sys.version_info[:2] != (3, 11), reason="the bundle's wheels are for CPython 3.11"
     ),

@@ -11,7 +11,7 @@ import pytest
 from pcam import h5io
 from pcam.export import main, parity
 from pcam.fileio import md5_file
-from pcam.onnx_model import FORMAT, META_FORMAT, META_SOURCE_MD5, OnnxModel
+from pcam.predict import ONNX_FORMAT, OnnxModel
 
 
 def export_args(d, out, report) -> list[str]:
@@ -27,8 +27,8 @@ def test_export_report_and_metadata(deployed_model):
     assert report["onnx_md5"] == md5_file(deployed_model / "model.onnx")
     assert report["model_md5"] == md5_file(deployed_model / "model.pt")
     meta = {m.key: m.value for m in onnx.load(deployed_model / "model.onnx").metadata_props}
-    assert meta[META_FORMAT] == FORMAT
-    assert meta[META_SOURCE_MD5] == md5_file(deployed_model / "model.pt")
+    assert meta["pcam.format"] == ONNX_FORMAT
+    assert meta["pcam.source_model_md5"] == md5_file(deployed_model / "model.pt")
 
 
 def test_export_is_byte_reproducible(deployed_model, tmp_path):

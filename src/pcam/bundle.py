@@ -1,28 +1,23 @@
 """An offline bundle for a machine without network: the model, its threshold, the inference code
-and every wheel it needs, in one archive.
+and every wheel it needs, in one archive (README: Deployment).
 
     make bundle                 # make export (ONNX + parity check), then this
     python -m pcam.bundle       # dist/pcam-bundle-cp311-manylinux_2_28_x86_64.tar.gz
 
-The archive holds one directory with model.onnx, model.pt, threshold.json, normalisation.json,
-onnx_parity.json, README.md (install and use), requirements.txt (the exact versions) and wheels/:
-a pcam wheel whose dependencies are the onnx backend's (numpy, onnxruntime, pillow, h5py) and
-those wheels for the target platform (default CPython 3.11, manylinux glibc >= 2.28, x86_64).
+wheels/ holds a pcam wheel whose dependencies are the onnx backend's (numpy, onnxruntime, pillow,
+h5py) and those wheels for the target (default CPython 3.11, manylinux glibc >= 2.28, x86_64).
 torch is left out: its CPU wheel alone is ~190 MB, and onnxruntime gives the same probabilities
-(onnx_parity.json). model.pt is there for a site that installs torch itself.
-
-Wheels come from the package index once, through `pip download`, and are kept in --wheel-cache
-(one folder per platform and set of pins); later builds use the cache with no network.
+(onnx_parity.json). Wheels come from the package index once, through `pip download`, and are
+kept in --wheel-cache (one folder per platform and set of pins); later builds need no network.
 """
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
-import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +28,7 @@ from pathlib import Path
 from pcam import __version__
 from pcam.errors import PcamError, exit_on_user_error
 from pcam.fileio import atomic_path, md5_file, write_json, write_text
-from pcam.onnx_model import load_onnx
+from pcam.predict import Parser, load_onnx
 
 # What `python -m pcam.predict --backend onnx` imports beyond the standard library.
 RUNTIME_PACKAGES = ("numpy", "onnxruntime", "pillow", "h5py")
@@ -44,29 +39,31 @@ MODEL_FILES = ("model.onnx", "model.pt", "threshold.json", "onnx_parity.json")
 
 def pinned_requirements(constraints: Path) -> list[str]:
     """The runtime packages at their versions in constraints.txt (the versions tested here)."""
-    pins = {}
-    for line in constraints.read_text().splitlines():
-        name, sep, version = line.partition("==")
-        if sep and not line.startswith("#"):
-            pins[_canonical(name)] = version.strip()
-    missing = [p for p in RUNTIME_PACKAGES if _canonical(p) not in pins]
-    if missing:
+    if not constraints.is_file():
+        raise PcamError(f"{constraints}: not found (the exact versions; see --constraints)")
+    lines = [line.partition("==") for line in constraints.read_text().splitlines()]
+    pins = {
+        re.sub(r"[-_.]+", "-", n.strip().lower()): v.strip()
+        for n, eq, v in lines
+        if eq and not n.startswith("#")
+    }
+    if missing := [p for p in RUNTIME_PACKAGES if p not in pins]:
         raise PcamError(f"{constraints}: no exact pin for {', '.join(missing)}")
-    return [f"{p}=={pins[_canonical(p)]}" for p in RUNTIME_PACKAGES]
+    return [f"{p}=={pins[p]}" for p in RUNTIME_PACKAGES]
 
 
-def _canonical(name: str) -> str:
-    return name.strip().lower().replace("_", "-").replace(".", "-")
+def pip(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pip", *args, "--disable-pip-version-check", "-q"]
+    return subprocess.run(cmd, capture_output=True, text=True, **kwargs)
 
 
 def wheel_folder(
     requirements: list[str], constraints: Path, cache: Path, platform: str, python_version: str
 ) -> Path:
     """The cache folder of one (target, pins): it holds exactly one resolved set of wheels."""
-    key = hashlib.sha256(
-        "\n".join([platform, python_version, *requirements, constraints.read_text()]).encode()
-    ).hexdigest()[:16]
-    return cache / f"{platform}-cp{python_version.replace('.', '')}-{key}"
+    key = "\n".join([platform, python_version, *requirements, constraints.read_text()])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache / f"{platform}-cp{python_version.replace('.', '')}-{digest}"
 
 
 def download_wheels(
@@ -75,33 +72,16 @@ def download_wheels(
     """The wheels of `requirements` and their dependencies for the target: from the cache
     without network when it has them, else from the index (into the cache)."""
     folder = wheel_folder(requirements, constraints, cache, platform, python_version)
-    target = [
-        "--only-binary=:all:",
-        "--platform",
-        platform,
-        "--python-version",
-        python_version,
-        "--implementation",
-        "cp",
-        "--abi",
-        f"cp{python_version.replace('.', '')}",
-    ]
-    pip = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q"]
-    args = [*target, "-c", str(constraints), "-d", str(folder), *requirements]
-    offline = (
-        folder.is_dir()
-        and subprocess.run(
-            [*pip, "--no-index", "--find-links", str(folder), *args], capture_output=True
-        ).returncode
-        == 0
-    )
-    if not offline:
+    abi = f"cp{python_version.replace('.', '')}"
+    target = ["--only-binary=:all:", "--platform", platform, "--python-version", python_version]
+    args = ["download", *target, "--implementation", "cp", "--abi", abi, "-c", str(constraints)]
+    cached = ["--no-index", "--find-links", str(folder), "-d", str(folder)]
+    if not folder.is_dir() or pip(*args, *cached, *requirements).returncode != 0:
         # Into a fresh folder, renamed into place when complete: a failed download leaves no
         # half-filled cache that a later build would trust.
         cache.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache))
-        args[args.index(str(folder))] = str(partial)
-        done = subprocess.run([*pip, *args], capture_output=True, text=True)
+        done = pip(*args, "-d", str(partial), *requirements)
         if done.returncode != 0:
             shutil.rmtree(partial, ignore_errors=True)
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -112,50 +92,28 @@ def download_wheels(
     return sorted(folder.glob("*.whl"))
 
 
-def wheel_name_version(path: Path) -> tuple[str, str]:
-    name, version = path.name.split("-")[:2]
-    return name, version
-
-
 def build_pcam_wheel(src: Path, requirements: list[str], out_dir: Path) -> Path:
     """A wheel of the pcam package whose dependencies are the runtime ones only: the project's
     own metadata asks for torch, dvc and the rest of the pipeline."""
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp)
-        shutil.copytree(src, project / "src" / "pcam", ignore=shutil.ignore_patterns("__pycache__"))
-        deps = ", ".join(json.dumps(r) for r in requirements)
-        (project / "pyproject.toml").write_text(
-            "[build-system]\n"
-            'requires = ["setuptools>=68"]\n'
-            'build-backend = "setuptools.build_meta"\n\n'
-            "[project]\n"
-            'name = "pcam"\n'
-            f'version = "{__version__}"\n'
-            'description = "pcam inference (python -m pcam.predict --backend onnx)"\n'
-            'requires-python = ">=3.11"\n'
-            f"dependencies = [{deps}]\n\n"
-            "[tool.setuptools.packages.find]\n"
-            'where = ["src"]\n'
-        )
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "wheel",
-                "--no-deps",
-                "--no-build-isolation",
-                "--no-index",
-                "-q",
-                "-w",
-                str(out_dir),
-                str(project),
-            ],
-            capture_output=True,
-            text=True,
-            # Zip entry times from this date, not the files' mtimes: the same code, the same wheel.
-            env={**os.environ, "SOURCE_DATE_EPOCH": "315532800"},
-        )
+        shutil.copytree(src, project / "pcam", ignore=shutil.ignore_patterns("__pycache__"))
+        (project / "pyproject.toml").write_text(f"""\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "pcam"
+version = "{__version__}"
+description = "pcam inference (python -m pcam.predict --backend onnx)"
+requires-python = ">=3.11"
+dependencies = [{", ".join(json.dumps(r) for r in requirements)}]
+""")
+        wheel_args = ["--no-deps", "--no-build-isolation", "--no-index", "-w", str(out_dir)]
+        # Zip entry times from this date, not the files' mtimes: the same code, the same wheel.
+        env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800"}
+        done = pip("wheel", *wheel_args, str(project), env=env)
         if done.returncode != 0:
             raise PcamError(f"building the pcam wheel failed: {done.stderr.strip()[-300:]}")
     (wheel,) = out_dir.glob("pcam-*.whl")
@@ -218,8 +176,7 @@ def check_models(model_dir: Path) -> dict:
             f"{model_dir / 'model.onnx'}: exported from another model.pt (md5 differs): run "
             "`make export`"
         )
-    threshold = json.loads((model_dir / "threshold.json").read_text())
-    if threshold.get("model_md5") != pt_md5:
+    if json.loads((model_dir / "threshold.json").read_text()).get("model_md5") != pt_md5:
         raise PcamError(f"{model_dir / 'threshold.json'}: chosen for another model.pt")
     parity = json.loads((model_dir / "onnx_parity.json").read_text())
     if parity.get("onnx_md5") != md5_file(model_dir / "model.onnx"):
@@ -249,59 +206,47 @@ def build(
         write_json(root / "normalisation.json", checked["normalisation"])
         for w in wheels:
             shutil.copy(w, root / "wheels" / w.name)
-        pcam_wheel = build_pcam_wheel(src, requirements, root / "wheels")
-        pins = sorted("{}=={}".format(*wheel_name_version(w)) for w in [*wheels, pcam_wheel])
+        wheels.append(build_pcam_wheel(src, requirements, root / "wheels"))
+        pins = sorted("==".join(w.name.split("-")[:2]) for w in wheels)
         write_text(root / "requirements.txt", "\n".join(pins) + "\n")
-        write_text(
-            root / "README.md",
-            readme(name, platform, python_version, requirements, checked["parity"]),
-        )
-        write_tar_gz(root, out)
+        text = readme(name, platform, python_version, requirements, checked["parity"])
+        write_text(root / "README.md", text)
+
+        def normalise(info: tarfile.TarInfo) -> tarfile.TarInfo:
+            """Bytes that depend on the contents only: no times, owners or umask."""
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            info.mode = 0o755 if info.isdir() else 0o644
+            return info
+
+        with (
+            atomic_path(out) as tmp_out,
+            open(tmp_out, "wb") as fh,
+            gzip.GzipFile(filename="", mode="wb", fileobj=fh, mtime=0) as gz,
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
+            for path in [root, *sorted(root.rglob("*"))]:  # sorted names: the same order
+                arcname = str(path.relative_to(root.parent))
+                tar.add(path, arcname=arcname, recursive=False, filter=normalise)
     return out
 
 
-def write_tar_gz(root: Path, out: Path) -> None:
-    """A tar.gz of `root` whose bytes depend on the contents only (sorted names, no times, owners)."""
-
-    def normalise(info: tarfile.TarInfo) -> tarfile.TarInfo:
-        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-        info.mode = 0o755 if info.isdir() else 0o644
-        return info
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in [root, *sorted(root.rglob("*"))]:
-            tar.add(
-                path, arcname=str(path.relative_to(root.parent)), recursive=False, filter=normalise
-            )
-    with (
-        atomic_path(out) as tmp,
-        open(tmp, "wb") as fh,
-        gzip.GzipFile(filename="", mode="wb", fileobj=fh, mtime=0) as gz,
-    ):
-        gz.write(buf.getvalue())
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m pcam.bundle", description=__doc__.split("\n")[0])
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    ap = Parser(prog="python -m pcam.bundle", description=__doc__.split("\n")[0])
     ap.add_argument("--models", type=Path, default=Path("models"), help="model.onnx, model.pt, ...")
     ap.add_argument("--out-dir", type=Path, default=Path("dist"))
     ap.add_argument("--platform", default=PLATFORM, help="a pip --platform tag")
     ap.add_argument("--python-version", default=PYTHON_VERSION)
     ap.add_argument("--constraints", type=Path, default=Path("constraints.txt"))
     ap.add_argument("--wheel-cache", type=Path, default=Path(".cache/bundle-wheels"))
-    return ap.parse_args(argv)
-
-
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = ap.parse_args(argv)
     tag = f"cp{args.python_version.replace('.', '')}-{args.platform}"
     out = args.out_dir / f"pcam-bundle-{tag}.tar.gz"
+    src = Path(__file__).resolve().parent
     build(
         args.models,
         out,
-        Path(__file__).resolve().parent,
+        src,
         args.constraints,
         args.wheel_cache,
         args.platform,

@@ -4,29 +4,23 @@
     python -m pcam.export --speed    # also img/s of both backends on CPU at batch 1 and 128
     make export                      # the same, after `dvc repro evaluate`
 
-The ONNX graph takes uint8 NHWC patches (N,96,96,3) and returns one logit per patch; the
-train-split normalisation is inside the graph (see pcam.onnx_model). Parity: PyTorch (the code
-path of `evaluate` and `predict`) and onnxruntime each score every patch of the test split; the
-report holds max |Δ probability| and the number of labels that differ at the stored threshold
-(models/threshold.json). model.onnx is written only if max |Δp| <= --max-abs-diff and no label
-differs; otherwise any earlier model.onnx stays as it was and the report says what differed.
-Only the test patches are read (no labels), and nothing is chosen from them.
-
-Not a DVC stage: the seven stage names are fixed, and the export is a deployment step on top of
-the pipeline's outputs (it runs in `make bundle`). The report holds no clock time unless --speed.
+uint8 NHWC patches (N,96,96,3) in, one logit out, the train-split normalisation inside the graph.
+PyTorch (the code path of `evaluate` and `predict`) and onnxruntime each score every test patch;
+model.onnx is written only if max |Δ probability| <= --max-abs-diff and no label differs at the
+stored threshold (models/threshold.json), else an earlier model.onnx stays as it was and the
+report says what differed. Only the test patches are read (no labels), nothing is chosen from
+them. Not a DVC stage: the seven stage names are fixed, and the export is a deployment step on
+top of the pipeline's outputs (`make bundle`). The report holds no clock time unless --speed.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import logging
 import os
 import platform
-import time
+import timeit
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,23 +29,13 @@ import onnxruntime
 import torch
 from torch import nn
 
-from pcam import h5io
-from pcam.checkpoint import load_checkpoint, load_model
+from pcam import h5io, predict
+from pcam.checkpoint import load_checkpoint, load_model, normalisation
 from pcam.data import normalise, read_x
 from pcam.errors import PcamError, exit_on_user_error
 from pcam.fileio import atomic_path, md5_file, write_json
 from pcam.inference import predict_logits
-from pcam.onnx_model import (
-    FORMAT,
-    INPUT,
-    META_FORMAT,
-    META_MODEL_CONFIG,
-    META_NORMALISATION,
-    META_SOURCE_MD5,
-    OUTPUT,
-    load_onnx,
-)
-from pcam.predict import load_threshold, sigmoid
+from pcam.predict import sigmoid
 
 # Parity bound on probabilities. Both backends compute in float32: over the ~10 layers of these
 # models a logit moves by a few float32 ulps of its activations, ~1e-6, and a probability by at
@@ -59,17 +43,6 @@ from pcam.predict import load_threshold, sigmoid
 # anything that matters clinically (predict prints probabilities to 6 decimals).
 MAX_ABS_DIFF = 1e-4
 SPEED_PATCHES = {1: 256, 128: 2048}  # batch size -> patches timed per pass
-
-
-@contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 class Deployable(nn.Module):
@@ -85,38 +58,35 @@ class Deployable(nn.Module):
         return self.model(normalise(x_uint8, self.mean, self.std))
 
 
-def onnx_bytes(ckpt: dict, model_path: Path) -> bytes:
-    """The checkpoint's best weights as an ONNX model (dynamic batch), metadata attached."""
-    model = load_model(ckpt, model_path).eval()
-    norm = ckpt["normalisation"]
-    net = Deployable(model, torch.tensor(norm["mean"]), torch.tensor(norm["std"])).eval()
+def onnx_bytes(ckpt: dict, model: nn.Module, model_md5: str) -> bytes:
+    """The model as ONNX (dynamic batch, normalisation inside), pcam metadata attached."""
+    net = Deployable(model, *normalisation(ckpt)).eval()
     example = torch.zeros((2, *h5io.PATCH_SHAPE), dtype=torch.uint8)
-    # dynamo=True, the exporter torch 2.13 maintains (the TorchScript one, dynamo=False, still
-    # exists but warns that it will be removed); it needs onnxscript. external_data=False keeps
-    # the weights inside the one file.
-    with warnings.catch_warnings(), _quiet("torch.onnx"):
-        # Library-internal chatter (torchvision ops it skips, pytree deprecations), not ours.
+    # Library-internal chatter (torchvision ops it skips, pytree deprecations), not ours.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        program = torch.onnx.export(
+        # dynamo=True, the exporter torch 2.13 maintains (the TorchScript one warns that it will
+        # be removed); it needs onnxscript. external_data=False keeps the weights in the one file.
+        proto = torch.onnx.export(
             net,
             (example,),
             dynamo=True,
-            input_names=[INPUT],
-            output_names=[OUTPUT],
+            input_names=[predict.ONNX_INPUT],
+            output_names=[predict.ONNX_OUTPUT],
             dynamic_shapes=({0: torch.export.Dim("batch")},),
             external_data=False,
             verbose=False,
-        )
-    proto = program.model_proto
+        ).model_proto
     meta = {
-        META_FORMAT: FORMAT,
-        META_SOURCE_MD5: md5_file(model_path),
-        META_NORMALISATION: json.dumps(norm, sort_keys=True),
-        META_MODEL_CONFIG: json.dumps(ckpt["model_config"], sort_keys=True),
+        "format": predict.ONNX_FORMAT,
+        "source_model_md5": model_md5,
+        "normalisation": json.dumps(ckpt["normalisation"], sort_keys=True),
+        "model_config": json.dumps(ckpt["model_config"], sort_keys=True),
     }
     for key, value in meta.items():
-        proto.metadata_props.add(key=key, value=value)
+        proto.metadata_props.add(key=f"pcam.{key}", value=value)
     proto.doc_string = (
         "pcam: uint8 NHWC (N,96,96,3) patches in, logit out (probability = sigmoid); "
         "normalisation inside the graph; threshold in threshold.json next to the model"
@@ -151,19 +121,15 @@ def parity(
 def images_per_s(run, x: np.ndarray, batch_size: int, passes: int = 3) -> float:
     """Best of `passes` timed passes over x in batches, after one warm-up batch."""
     run(x[:batch_size])
-    best = float("inf")
-    for _ in range(passes):
-        start = time.perf_counter()
-        for i in range(0, len(x), batch_size):
-            run(x[i : i + batch_size])
-        best = min(best, time.perf_counter() - start)
-    return len(x) / best
+    batches = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+    seconds = timeit.repeat(lambda: [run(b) for b in batches], repeat=passes, number=1)
+    return len(x) / min(seconds)
 
 
 def speed(model: nn.Module, mean, std, onnx_path: Path, x: np.ndarray, threads: int) -> dict:
     """img/s of both backends on CPU at each batch size in SPEED_PATCHES (pre-loaded uint8 data)."""
     torch.set_num_threads(threads)
-    onnx_model = load_onnx(onnx_path, threads=threads)
+    onnx_model = predict.load_onnx(onnx_path, threads=threads)
     out: dict = {"threads": threads, "load_average_1min_before": os.getloadavg()[0]}
     for batch, n in SPEED_PATCHES.items():
         xs = np.ascontiguousarray(x[:n])
@@ -180,100 +146,60 @@ def speed(model: nn.Module, mean, std, onnx_path: Path, x: np.ndarray, threads: 
     return out
 
 
-def export(
-    model_path: Path,
-    test_x: Path,
-    out: Path,
-    report_path: Path,
-    threshold_path: Path,
-    batch_size: int,
-    max_abs_diff: float,
-    speed_threads: int | None,
-) -> dict:
-    ckpt = load_checkpoint(model_path)
-    threshold = load_threshold(threshold_path, md5_file(model_path), model_path)
-    data = onnx_bytes(ckpt, model_path)
-    x = read_x(test_x)
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    ap = predict.Parser(prog="python -m pcam.export", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, default=Path("models/model.pt"))
+    ap.add_argument("--threshold-file", type=Path, help="default: next to --model")
+    test_x = Path("data/raw") / h5io.x_name("test")
+    ap.add_argument("--test-x", type=Path, default=test_x, help="parity data")
+    ap.add_argument("--out", type=Path, default=Path("models/model.onnx"))
+    ap.add_argument("--report", type=Path, default=Path("models/onnx_parity.json"))
+    ap.add_argument("--batch-size", type=predict.positive_int, default=256)
+    ap.add_argument("--max-abs-diff", type=float, default=MAX_ABS_DIFF)
+    speed_help = "also time both backends at batch 1 and 128 with THREADS threads (default 2)"
+    ap.add_argument("--speed", type=int, nargs="?", const=2, metavar="THREADS", help=speed_help)
+    args = ap.parse_args(argv)
+
+    ckpt = load_checkpoint(args.model)
+    model_md5 = md5_file(args.model)
+    threshold_path = args.threshold_file or args.model.parent / "threshold.json"
+    threshold = predict.load_threshold(threshold_path, model_md5, args.model)
+    model = load_model(ckpt, args.model).eval()
+    data = onnx_bytes(ckpt, model, model_md5)
+    x = read_x(args.test_x)
     if len(x) == 0:
-        raise PcamError(f"{test_x}: dataset 'x' holds 0 patches: nothing to check parity on")
-    model = load_model(ckpt, model_path).eval()
-    mean = torch.tensor(ckpt["normalisation"]["mean"])
-    std = torch.tensor(ckpt["normalisation"]["std"])
-    with atomic_path(out) as tmp:
+        raise PcamError(f"{args.test_x}: dataset 'x' holds 0 patches: nothing to check parity on")
+    mean, std = normalisation(ckpt)
+    with atomic_path(args.out) as tmp:
         tmp.write_bytes(data)
-        onnx_model = load_onnx(tmp)
+        torch_logits = predict_logits(model, torch.from_numpy(x), mean, std, args.batch_size)
+        onnx_logits = predict.load_onnx(tmp).logits(x, args.batch_size)
+        p = parity(torch_logits, onnx_logits, threshold, args.max_abs_diff)
         report = {
-            "model": model_path.name,
-            "model_md5": md5_file(model_path),
-            "onnx": out.name,
+            "model": args.model.name,
+            "model_md5": model_md5,
+            "onnx": args.out.name,
             "onnx_md5": md5_file(tmp),
-            "test_x": test_x.name,
-            "batch_size": batch_size,
+            "test_x": args.test_x.name,
+            "batch_size": args.batch_size,
             "versions": {
                 "torch": torch.__version__,
                 "onnx": onnx.__version__,
                 "onnxruntime": onnxruntime.__version__,
             },
             "opset": next(o.version for o in onnx.load(tmp).opset_import if o.domain == ""),
-            "parity": parity(
-                predict_logits(model, torch.from_numpy(x), mean, std, batch_size),
-                onnx_model.logits(x, batch_size),
-                threshold,
-                max_abs_diff,
-            ),
+            "parity": p,
         }
-        if speed_threads:
-            report["speed"] = speed(model, mean, std, tmp, x, speed_threads)
-        write_json(report_path, report)
-        p = report["parity"]
+        if args.speed:
+            report["speed"] = speed(model, mean, std, tmp, x, args.speed)
+        write_json(args.report, report)
         if not p["passed"]:
             raise PcamError(
-                f"{out}: not written: onnxruntime and PyTorch disagree on {test_x.name} (max "
-                f"|Δp| {p['max_abs_diff_probability']:.2e}, allowed {max_abs_diff:.0e}; "
-                f"{p['labels_differ']} labels differ at threshold {threshold:.4f}); see {report_path}"
+                f"{args.out}: not written: onnxruntime and PyTorch disagree on {args.test_x.name} "
+                f"(max |Δp| {p['max_abs_diff_probability']:.2e}, allowed {args.max_abs_diff:.0e}; "
+                f"{p['labels_differ']} labels differ at threshold {threshold:.4f}); see {args.report}"
             )
-    return report
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m pcam.export", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, default=Path("models/model.pt"))
-    ap.add_argument("--threshold-file", type=Path, default=None, help="default: next to --model")
-    ap.add_argument(
-        "--test-x", type=Path, default=Path("data/raw") / h5io.x_name("test"), help="parity data"
-    )
-    ap.add_argument("--out", type=Path, default=Path("models/model.onnx"))
-    ap.add_argument("--report", type=Path, default=Path("models/onnx_parity.json"))
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--max-abs-diff", type=float, default=MAX_ABS_DIFF)
-    ap.add_argument(
-        "--speed",
-        type=int,
-        nargs="?",
-        const=2,
-        default=None,
-        metavar="THREADS",
-        help="also time both backends at batch 1 and 128 with THREADS threads (default 2)",
-    )
-    return ap.parse_args(argv)
-
-
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.batch_size < 1:
-        raise PcamError(f"--batch-size {args.batch_size} must be a positive integer")
-    report = export(
-        args.model,
-        args.test_x,
-        args.out,
-        args.report,
-        args.threshold_file or args.model.parent / "threshold.json",
-        args.batch_size,
-        args.max_abs_diff,
-        args.speed,
-    )
-    p = report["parity"]
     print(
         f"export: {args.out} ({p['patches']} test patches: max |Δp| "
         f"{p['max_abs_diff_probability']:.2e}, {p['labels_differ']} labels differ) -> {args.report}"

@@ -21,10 +21,8 @@ def predict_logits(
 ) -> np.ndarray:
     """Logits for every patch of an (N,96,96,3) uint8 tensor, in order, as float64 numpy."""
     model.eval()
-    out = []
-    for start in range(0, len(x_uint8), batch_size):
-        xb = normalise(x_uint8[start : start + batch_size].to(device), mean, std)
-        out.append(model(xb).float().cpu())
+    batches = (x_uint8[i : i + batch_size].to(device) for i in range(0, len(x_uint8), batch_size))
+    out = [model(normalise(xb, mean, std)).float().cpu() for xb in batches]
     return torch.cat(out).double().numpy() if out else np.empty(0)
 
 
