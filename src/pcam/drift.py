@@ -7,7 +7,7 @@ the validation split?
 NEW: PCAM .h5 files (dataset "x"), 96x96 PNG/JPEG patches, or directories of them (as
 `python -m pcam.predict` takes). Compared with:
 
-- colour and stain: the features of `pcam.stain` on NEW against those of a sample of the training
+- colour and stain: the features of `pcam.stats` on NEW against those of a sample of the training
   split (data/drift_reference.json, written by compute-stats). A feature is flagged when its mean
   on NEW lies more than `drift.feature_shift_max` training standard deviations from the
   training mean (standardised mean difference). Training's spread already holds its
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pcam import stain
+from pcam import stats as stain  # the colour/stain features
 from pcam.errors import PcamError, exit_on_user_error
 from pcam.fileio import write_json
 from pcam.params import DriftParams, load_params
