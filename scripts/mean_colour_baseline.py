@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
@@ -21,21 +20,16 @@ from pcam import h5io
 from pcam.data import read_x
 
 
-def mean_colour(x_path: Path) -> np.ndarray:
-    x = read_x(x_path)
-    return x.reshape(len(x), -1, 3).mean(axis=1)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--raw", type=Path, default=Path("data/raw"))
-    args = ap.parse_args()
+    raw = ap.parse_args().raw
     feats, labels = {}, {}
     for split in ("train", "test"):
-        xp, yp, _ = h5io.split_files(args.raw, split)
-        feats[split], labels[split] = mean_colour(xp), h5io.read_labels(yp)
-    clf = make_pipeline(StandardScaler(), LogisticRegression())
-    clf.fit(feats["train"], labels["train"])
+        xp, yp, _ = h5io.split_files(raw, split)
+        x = read_x(xp)
+        feats[split], labels[split] = x.reshape(len(x), -1, 3).mean(axis=1), h5io.read_labels(yp)
+    clf = make_pipeline(StandardScaler(), LogisticRegression()).fit(feats["train"], labels["train"])
     auc = roc_auc_score(labels["test"], clf.predict_proba(feats["test"])[:, 1])
     print(f"mean-colour logistic regression: test ROC-AUC {auc:.4f}")
 

@@ -4,17 +4,14 @@
         [--unique-train 8192] [--unique-eval 2048] [--compression none|gzip]
         [--repeats 2] [--workdir /tmp/validate_scale]
 
-Builds PCAM-size splits (7.2 GB of train x uncompressed, as the official files): the synthetic
-generator makes a few thousand distinct patches per split with the default defect rates
-(params.yaml: data.synthetic.defects), tiled to the requested size. Every tile but the first gets
-one marker pixel of its own, so the tiles are not duplicates of each other and the findings
-scale like real data (duplicates, blanks, triggers x tiles; leakage only from the first tile).
-
-Then runs the real stage (stages/validate_data.py, in a scratch directory whose data/raw points
-at the built files) and, separately, the library call alone (pcam.validation.validate: reading,
-hashing, pixel checks, no galleries), each in a fresh process, --repeats times, and prints a
-markdown table with the load average, wall time, patches/s, CPU time and the child's peak RSS
-(see `measure`). On a shared machine wall time follows the load; CPU time much less so.
+Builds PCAM-size splits (7.2 GB of train x uncompressed, as the official files) by tiling a few
+thousand distinct synthetic patches per split, with the default defect rates. Every tile but the
+first gets one marker pixel of its own, so the tiles are not duplicates of each other and the
+findings scale like real data (duplicates, blanks, triggers x tiles; leakage only from the first
+tile). Then times the real stage (in a scratch directory whose data/raw points at the built
+files) and the library call alone (pcam.validation.validate: no galleries), each in a fresh
+process, --repeats times, and prints a markdown table: load average, wall time, patches/s, CPU
+time and the child's peak RSS. On a shared machine wall time follows the load; CPU time much less.
 Targets: >= 10,000 patches/s on 2 cores, peak RSS <= 2 GiB whatever the split size. The built
 files are kept in --workdir for re-runs (delete them by hand: ~9 GB).
 """
@@ -29,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -43,6 +39,14 @@ from pcam.synthetic import generate_split, slide_ids_for
 REPO = Path(__file__).resolve().parents[1]
 # Marker grey levels per split, so a tile of one split never equals a tile of another.
 MARKER_BASE = {"train": 0, "valid": 64, "test": 128}
+# Appended to each measured child: its CPU time, ru_maxrss and VmHWM (KiB). VmHWM is the
+# child's own peak; Linux carries the spawning process's high-water mark into ru_maxrss (this
+# script's, when it has just generated the patches), so that one can overstate the child.
+USAGE = """
+import resource
+u = resource.getrusage(resource.RUSAGE_SELF)
+hwm = [int(s.split()[1]) for s in open('/proc/self/status') if s.startswith('VmHWM')]
+print('usage', u.ru_utime + u.ru_stime, u.ru_maxrss, hwm[0])"""
 
 
 def build(workdir: Path, sizes: dict, unique: dict, compression: str | None) -> Path:
@@ -90,50 +94,29 @@ def write_tiled(raw: Path, split: str, base, n: int, compression: str | None) ->
     with h5py.File(yp, "w") as f:
         f.create_dataset("y", data=np.resize(base.y, n).reshape(-1, 1, 1, 1), chunks=True, **kw)
     m = base.meta
-    tiled = h5io.Meta(*(np.resize(getattr(m, c), n) for c in h5io.META_COLUMNS))
-    h5io.write_meta(mp, tiled)
+    h5io.write_meta(mp, h5io.Meta(*(np.resize(getattr(m, c), n) for c in h5io.META_COLUMNS)))
 
 
-@dataclass(frozen=True)
-class Run:
-    what: str
-    seconds: float  # wall
-    cpu_seconds: float  # user + system, all threads: less sensitive to other users of the CPU
-    peak_rss_gib: float
-    ru_maxrss_gib: float
-    load: float  # 1-minute load average when it started
-    stdout: str
-
-
-def measure(what: str, body: str, cwd: Path) -> Run:
-    """Run `body` in a fresh Python process; time it and read its own resource usage.
-
-    Peak RSS is the kernel's VmHWM of the child's own address space. resource.getrusage's
-    ru_maxrss is shown too, but Linux carries the spawning process's high-water mark into it
-    (this script, when it has just generated the patches), so it can overstate the child.
-    """
-    code = (
-        f"{body}\nimport resource\n"
-        "u = resource.getrusage(resource.RUSAGE_SELF)\n"
-        "hwm = [int(s.split()[1]) for s in open('/proc/self/status') if s.startswith('VmHWM')]\n"
-        "print('usage', u.ru_utime + u.ru_stime, u.ru_maxrss, hwm[0])"
+def measure(what: str, body: str, cwd: Path) -> tuple:
+    """Run `body` in a fresh Python process: (what, 1-minute load when it started, wall s, CPU s
+    (user + system, all threads: less sensitive to other users of the CPU), peak RSS GiB,
+    ru_maxrss GiB, its stdout)."""
+    load, t0 = os.getloadavg()[0], time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", body + USAGE], cwd=cwd, capture_output=True, text=True
     )
-    load = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"{what} failed:\n{proc.stderr}")
     out, _, usage = proc.stdout.rpartition("usage ")
     cpu, maxrss, hwm = (float(v) for v in usage.split())
-    return Run(what, seconds, cpu, hwm / 2**20, maxrss / 2**20, load, out)  # KiB -> GiB
+    return what, load, seconds, cpu, hwm / 2**20, maxrss / 2**20, out  # KiB -> GiB
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--train", type=int, default=262_144)
-    ap.add_argument("--valid", type=int, default=32_768)
-    ap.add_argument("--test", type=int, default=32_768)
+    for name, default in (("train", 262_144), ("valid", 32_768), ("test", 32_768)):
+        ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--unique-train", type=int, default=8192)
     ap.add_argument("--unique-eval", type=int, default=2048)
     ap.add_argument("--compression", choices=("none", "gzip"), default="none")
@@ -144,16 +127,17 @@ def main() -> None:
     args = ap.parse_args()
     sizes = {"train": args.train, "valid": args.valid, "test": args.test}
     unique = {"train": args.unique_train, "valid": args.unique_eval, "test": args.unique_eval}
-    compression = None if args.compression == "none" else "gzip"
 
     t0 = time.perf_counter()
-    raw = build(args.workdir, sizes, unique, compression)
+    raw = build(args.workdir, sizes, unique, None if args.compression == "none" else "gzip")
     print(f"data ready in {time.perf_counter() - t0:.0f} s: {raw}", flush=True)
-    library = (
-        "from pcam.params import load_params\nfrom pcam.validation import validate\n"
-        "validate('data/raw', load_params().validate)"
-    )
-    stage = f"import runpy\nrunpy.run_path({str(REPO / 'stages/validate_data.py')!r}, run_name='__main__')"
+    bodies = {
+        "pcam.validation.validate (read, hash, pixel checks)": "from pcam.params import "
+        "load_params\nfrom pcam.validation import validate\n"
+        "validate('data/raw', load_params().validate)",
+        "stages/validate_data.py (+ reports, 7 galleries)": "import runpy\nrunpy.run_path("
+        f"{str(REPO / 'stages/validate_data.py')!r}, run_name='__main__')",
+    }
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
@@ -161,15 +145,12 @@ def main() -> None:
         (scratch / "data").mkdir()
         (scratch / "data" / "raw").symlink_to(raw)
         for _ in range(args.repeats):
-            runs.append(
-                measure("pcam.validation.validate (read, hash, pixel checks)", library, scratch)
-            )
-            runs.append(measure("stages/validate_data.py (+ reports, 7 galleries)", stage, scratch))
+            runs += [measure(what, body, scratch) for what, body in bodies.items()]
 
     p = load_params(REPO / "params.yaml").validate
     x_bytes = sum(h5io.split_files(raw, s)[0].stat().st_size for s in h5io.SPLITS)
     total = sum(sizes.values())
-    print(runs[-1].stdout)
+    print(runs[-1][-1])
     print(
         f"\n{datetime.date.today()} | {os.cpu_count()} CPUs, validate.threads={p.threads}, "
         f"chunk_rows={p.chunk_rows} | x files {x_bytes / 1e9:.1f} GB on disk "
@@ -179,11 +160,10 @@ def main() -> None:
         "| what | patches | load | seconds | patches/s | CPU s | patches per CPU s | peak RSS GiB |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in runs:
+    for what, load, seconds, cpu, peak, maxrss, _ in runs:
         print(
-            f"| {r.what} | {total:,} | {r.load:.1f} | {r.seconds:.1f} | {total / r.seconds:,.0f} | "
-            f"{r.cpu_seconds:.1f} | {total / r.cpu_seconds:,.0f} | {r.peak_rss_gib:.2f} "
-            f"(ru_maxrss {r.ru_maxrss_gib:.2f}) |"
+            f"| {what} | {total:,} | {load:.1f} | {seconds:.1f} | {total / seconds:,.0f} | "
+            f"{cpu:.1f} | {total / cpu:,.0f} | {peak:.2f} (ru_maxrss {maxrss:.2f}) |"
         )
 
 

@@ -15,8 +15,7 @@ from pcam.data import load_excluded
 from pcam.errors import exit_on_user_error
 from pcam.fileio import write_json
 from pcam.params import load_params
-from pcam.stain import FeatureSample, reference_rows
-from pcam.stats import channel_stats
+from pcam.stats import FeatureSample, channel_stats, reference_rows
 
 RAW_DIR = Path("data/raw")
 EXCLUSIONS = Path("data/validated/exclusions.json")
@@ -27,7 +26,7 @@ DRIFT_REFERENCE = Path("data/drift_reference.json")
 @exit_on_user_error
 def main() -> None:
     params = load_params()
-    x_path, _, _ = h5io.split_files(RAW_DIR, "train")
+    x_path = h5io.split_files(RAW_DIR, "train")[0]
     excluded = load_excluded(EXCLUSIONS if params.train.use_exclusions else None, "train")
     f, ds = h5io.open_dataset(x_path, "x")
     with f:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pcam import drift, h5io, stain
+from pcam import drift, h5io, stats
 from pcam.checkpoint import load_checkpoint, load_model
 from pcam.data import Split
 from pcam.inference import predict_logits, sigmoid
@@ -24,10 +24,10 @@ def test_features_of_plain_colours():
     x = np.zeros((4, 96, 96, 3), dtype=np.uint8)
     x[0] = 245  # glass
     # pure stains at concentration 1 (Beer-Lambert): no residual, one concentration each
-    x[1] = np.round(255 * np.exp(-stain.STAINS[0])).astype(np.uint8)
-    x[2] = np.round(255 * np.exp(-stain.STAINS[1])).astype(np.uint8)
+    x[1] = np.round(255 * np.exp(-stats.STAINS[0])).astype(np.uint8)
+    x[2] = np.round(255 * np.exp(-stats.STAINS[1])).astype(np.uint8)
     x[3] = (60, 200, 60)  # green: no H&E mixture makes it
-    f = dict(zip(stain.FEATURES, stain.patch_features(x).T, strict=True))
+    f = dict(zip(stats.FEATURES, stats.patch_features(x).T, strict=True))
     assert f["tissue_fraction"].tolist() == [0.0, 1.0, 1.0, 1.0]
     assert f["haematoxylin"][0] == f["eosin"][0] == f["od_residual"][0] == 0.0
     assert f["haematoxylin"][1] == pytest.approx(1.0, abs=0.02) and abs(f["eosin"][1]) < 0.02
@@ -39,29 +39,29 @@ def test_features_of_plain_colours():
 def test_psi_is_zero_for_equal_samples_and_grows_with_a_shift():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=5000)
-    assert stain.psi(ref, ref, 10) == pytest.approx(0.0, abs=1e-12)
-    assert stain.psi(ref, rng.normal(size=5000), 10) < 0.02
-    assert stain.psi(ref, rng.normal(0.5, 1, 5000), 10) > 0.2
+    assert stats.psi(ref, ref, 10) == pytest.approx(0.0, abs=1e-12)
+    assert stats.psi(ref, rng.normal(size=5000), 10) < 0.02
+    assert stats.psi(ref, rng.normal(0.5, 1, 5000), 10) > 0.2
     # a constant feature: one bin, no shift to measure
-    assert stain.psi(np.zeros(100), np.zeros(50), 10) == 0.0
+    assert stats.psi(np.zeros(100), np.zeros(50), 10) == 0.0
 
 
 def test_reference_rows_span_the_split_and_skip_exclusions():
-    rows = stain.reference_rows(1000, np.array([0, 999, 500]), 5)
+    rows = stats.reference_rows(1000, np.array([0, 999, 500]), 5)
     assert rows.tolist() == [1, 250, 499, 749, 998]
-    assert stain.reference_rows(10, np.array([3]), 50).tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert stats.reference_rows(10, np.array([3]), 50).tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9]
 
 
 def test_feature_sample_over_blocks_equals_features_of_the_rows():
     x = generate_split(40, slide_ids_for("train", 2), 3, 0.2).x
     rows = np.array([0, 7, 8, 31, 39])
-    sample = stain.FeatureSample(rows)
+    sample = stats.FeatureSample(rows)
     for start in range(0, 40, 16):  # blocks as channel_stats hands them over
         sample.add(start, x[start : start + 16].copy())
     doc = sample.reference()
-    expected = stain.patch_features(x[rows])
-    assert doc["features"] == list(stain.FEATURES) and doc["n_patches"] == 5
-    for i, name in enumerate(stain.FEATURES):
+    expected = stats.patch_features(x[rows])
+    assert doc["features"] == list(stats.FEATURES) and doc["n_patches"] == 5
+    for i, name in enumerate(stats.FEATURES):
         assert doc["values"][name] == pytest.approx(expected[:, i].tolist(), rel=1e-5)
 
 
@@ -72,7 +72,7 @@ def deployed(tmp_path_factory):
     d = tmp_path_factory.mktemp("drift")
     tr = generate_split(384, slide_ids_for("train", 8), 11, 0.2)
     va = generate_split(256, slide_ids_for("valid", 4), 12, 0.2)
-    sample = stain.FeatureSample(np.arange(len(tr.x)))
+    sample = stats.FeatureSample(np.arange(len(tr.x)))
     sample.add(0, tr.x)
     (d / "reference.json").write_text(json.dumps(sample.reference()))
     mean = torch.tensor(tr.x.reshape(-1, 3).mean(axis=0) / 255.0, dtype=torch.float32)

@@ -7,7 +7,7 @@ the validation split?
 NEW: PCAM .h5 files (dataset "x"), 96x96 PNG/JPEG patches, or directories of them (as
 `python -m pcam.predict` takes). Compared with:
 
-- colour and stain: `pcam.stain` features of NEW against a training sample
+- colour and stain: `pcam.stats` features of NEW against a training sample
   (data/drift_reference.json, from compute-stats), flagged when NEW's mean lies more than
   `drift.feature_shift_max` training standard deviations from training's. Training's spread holds
   its slide-to-slide stain variation, so a site whose slides stain like some training slides
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pcam import stain
+from pcam import stats as stain  # the colour/stain features
 from pcam.errors import PcamError, exit_on_user_error
 from pcam.fileio import write_json
 from pcam.params import DriftParams, load_params

@@ -1,4 +1,4 @@
-"""Strict, typed parameters: params.yaml is the only configuration.
+"""Strict, typed parameters: params.yaml is the only configuration (its comments explain the keys).
 
 `load_params("params.yaml")` returns a frozen `Params`. Every key must be known, present and of the
 right type and range; otherwise a ParamsError names the key, the value and the file (and, for a
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -33,23 +34,16 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     return field(metadata={"lo": lo, "hi": hi, "lo_open": lo_open})
 
 
-def _may_be_empty() -> Any:
-    """A list field where `[]` is meaningful (e.g. exclude nothing); other lists must be non-empty."""
-    return field(metadata={"may_be_empty": True})
-
-
 @dataclass(frozen=True)
 class DefectParams:
-    # Fractions of each synthetic split turned into a known defect, so validate-data has ground
-    # truth to be measured against (indices in data/raw/synthetic_defects.json; no stage reads it).
-    duplicate_rate: float = _range(0.0, 0.1)  # copies of earlier patches of the same split
-    cross_split_rate: float = _range(0.0, 0.1)  # valid/test patches replaced by train copies
-    blank_rate: float = _range(0.0, 0.1)  # near-white glass
+    # Known defects in the synthetic splits, so validate-data has ground truth to be measured
+    # against (indices in data/raw/synthetic_defects.json; no stage reads it).
+    duplicate_rate: float = _range(0.0, 0.1)
+    cross_split_rate: float = _range(0.0, 0.1)
+    blank_rate: float = _range(0.0, 0.1)
     black_rate: float = _range(0.0, 0.1)
-    # A checkerboard block: in train on positives only (a label-correlated backdoor), in
-    # valid/test on patches of either label.
     trigger_rate: float = _range(0.0, 0.1)
-    trigger_px: int = _range(2, 16)  # side of the checkerboard
+    trigger_px: int = _range(2, 16)
 
 
 @dataclass(frozen=True)
@@ -67,9 +61,8 @@ class SyntheticParams:
 
 @dataclass(frozen=True)
 class PcamSourceParams:
-    base_url: str  # http(s):// (Zenodo, a mirror) or file:// (a local copy, e.g. torchvision's)
-    # "official": the md5 table in download.py; else a JSON file {file name: md5} for a mirror
-    # that repacked the files. Only accepts or refuses files, never changes them.
+    base_url: str
+    # Only accepts or refuses the downloaded files, never changes them.
     checksums: str
     timeout_s: float = _range(0.0, lo_open=True)
     retries: int = _range(0)
@@ -80,52 +73,42 @@ class DataParams:
     source: Literal["synthetic", "pcam"]
     synthetic: SyntheticParams
     pcam: PcamSourceParams
-    # Splits larger than this (as uint8) are streamed from HDF5 in contiguous blocks instead of
-    # being held in memory.
     memory_budget_gb: float = _range(0.0, lo_open=True)
 
 
-# Why validate-data flags a patch; `validate.exclude` picks which of them are left out of training.
+# Why validate-data flags a patch, in priority order; `validate.exclude` picks the exclusions.
 ExclusionReason = Literal[
     "cross_split_duplicate", "duplicate", "trigger", "black", "white", "background", "uniform"
 ]
+_Action = Literal["error", "warn"]
 
 
 @dataclass(frozen=True)
 class LabelChecks:
-    # What a failed label check does: stop validate-data ("error") or only report ("warn").
-    one_class: Literal["error", "warn"]  # a split whose labels are all 0 or all 1
-    class_balance: Literal["error", "warn"]  # positive fraction outside [min, max]
-    meta_agreement: Literal["error", "warn"]  # labels against the meta CSV's center_tumor_patch
+    one_class: _Action
+    class_balance: _Action
+    meta_agreement: _Action
 
 
 @dataclass(frozen=True)
 class ValidateParams:
-    chunk_rows: int = _range(1)  # patches per HDF5 read: bounds memory whatever the split size
-    threads: int = _range(1)  # hashing and pixel checks run on this many threads
-    # Float images are accepted only if every value is an integer in 0..255 (a lossless uint8
-    # copy); [0, 1]-scaled floats are refused: rounding them back would change pixels.
+    chunk_rows: int = _range(1)  # bounds memory whatever the split size
+    threads: int = _range(1)
+    # Floats only if every value is an integer 0..255 (a lossless uint8 copy): rounding
+    # [0, 1]-scaled floats back would change pixels.
     allow_float_images: bool
-    allow_wide_labels: bool  # labels of any integer or float dtype, if every value is 0 or 1
-    exclude: tuple[ExclusionReason, ...] = _may_be_empty()
-    # PCAM's own background rule: a patch whose max HSV saturation is below this has no tissue.
+    allow_wide_labels: bool
+    exclude: tuple[ExclusionReason, ...] = field(metadata={"may_be_empty": True})
     background_max_saturation: float = _range(0.0, 1.0)
-    white_min: int = _range(0, 255)  # a white pixel: every channel at least this
-    black_max: int = _range(0, 255)  # a black pixel: every channel at most this
-    blank_pixel_fraction: float = _range(0.0, 1.0, lo_open=True)  # white/black patch: this share
-    uniform_max_std: float = _range(0.0)  # near-uniform: brightness std below this (0..255 levels)
-    # Backdoor-trigger candidate: a block this size, every pixel dark or bright, and at least half
-    # of its neighbouring pixel pairs switching between the two (a checkerboard or stripes).
+    white_min: int = _range(0, 255)
+    black_max: int = _range(0, 255)
+    blank_pixel_fraction: float = _range(0.0, 1.0, lo_open=True)
+    uniform_max_std: float = _range(0.0)
     trigger_block_px: int = _range(2, 16)
-    trigger_dark_max: int = _range(0, 255)  # dark: every channel at most this
-    trigger_bright_min: int = _range(0, 255)  # bright: every channel at least this
-    # Fail above these: patches of a later split that are copies of tissue in an earlier split
-    # (train>valid>test), and the flagged-for-exclusion share of any split.
+    trigger_dark_max: int = _range(0, 255)
+    trigger_bright_min: int = _range(0, 255)
     max_cross_split_duplicates: int = _range(0)
     max_excluded_fraction: float = _range(0.0, 1.0)
-    # Label sanity per split: the share of label 1 must lie in [min, max] (PCAM is 50/50), and
-    # at most this share of labels may differ from the meta CSV's center_tumor_patch (the
-    # label's definition, so 0 for PCAM).
     min_positive_fraction: float = _range(0.0, 1.0)
     max_positive_fraction: float = _range(0.0, 1.0)
     max_meta_label_mismatch_fraction: float = _range(0.0, 1.0)
@@ -134,7 +117,7 @@ class ValidateParams:
 
 @dataclass(frozen=True)
 class StatsParams:
-    chunk_rows: int = _range(1)  # rows read per HDF5 slice: bounds memory whatever the split size
+    chunk_rows: int = _range(1)
 
 
 @dataclass(frozen=True)
@@ -148,89 +131,76 @@ class AugmentParams:
 class TrainParams:
     seed: int = _range(0)
     model: Literal["mlp", "cnn", "resnet"]
-    width: int = _range(1)  # cnn/resnet: channels of the first block (doubles per stage)
-    hidden_units: int = _range(1)  # mlp: size of the hidden layer
+    width: int = _range(1)
+    hidden_units: int = _range(1)
     epochs: int = _range(1)
     batch_size: int = _range(1)
     optimizer: Literal["adamw", "sgd"]
     lr: float = _range(0.0, lo_open=True)
-    momentum: float = _range(0.0, 1.0)  # sgd only
+    momentum: float = _range(0.0, 1.0)
     weight_decay: float = _range(0.0)
     scheduler: Literal["none", "plateau", "cosine", "onecycle"]
-    plateau_patience: int = _range(0)  # epochs without val-loss improvement before a decay
+    plateau_patience: int = _range(0)
     plateau_factor: float = _range(0.0, 1.0, lo_open=True)
-    grad_clip_norm: float = _range(0.0)  # 0 = off
-    early_stopping_patience: int = _range(0)  # epochs without val ROC-AUC gain; 0 = off
+    grad_clip_norm: float = _range(0.0)
+    early_stopping_patience: int = _range(0)
     sampler: Literal["shuffle", "weighted"]
-    # Leave the train patches validate-data excluded (validate.exclude) out of training and of
-    # the normalisation statistics. false: train on every patch, as published PCAM results do.
     use_exclusions: bool
     augment: AugmentParams
     device: Literal["auto", "cpu", "cuda"]
-    # Processes for DistributedDataParallel (nccl on GPU, gloo on CPU); 1 = a single process.
     # Under torchrun/srun (WORLD_SIZE set) the launcher's world size is used instead.
     devices: int = _range(1)
-    precision: Literal["fp32", "bf16"]  # bf16 = autocast
+    precision: Literal["fp32", "bf16"]
     channels_last: bool
-    compile: bool  # torch.compile the model
-    threads: int = _range(1)  # torch intra-op threads; fixed so runs are comparable and recorded
+    compile: bool
+    threads: int = _range(1)  # fixed so runs are comparable and recorded
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    # "f2", "f1", "youden", "sensitivity@0.95" or a fixed probability in [0, 1]
     threshold: str | float
     batch_size: int = _range(1)
-    bootstrap_resamples: int = _range(2)  # for the 95% confidence intervals
+    bootstrap_resamples: int = _range(2)
     bootstrap_seed: int = _range(0)
     calibration_bins: int = _range(2)
 
 
 @dataclass(frozen=True)
 class SliceParams:
-    dark_fraction: float = _range(0.0, 1.0, lo_open=True)  # lowest mean intensity
-    bright_fraction: float = _range(0.0, 1.0, lo_open=True)  # highest mean intensity
-    low_contrast_fraction: float = _range(0.0, 1.0, lo_open=True)  # lowest grey-level std
-    high_saturation_fraction: float = _range(0.0, 1.0, lo_open=True)  # highest mean saturation
-    # A pixel is background (glass) when its HSV saturation is below this (PCAM's 0.07 rule).
+    dark_fraction: float = _range(0.0, 1.0, lo_open=True)
+    bright_fraction: float = _range(0.0, 1.0, lo_open=True)
+    low_contrast_fraction: float = _range(0.0, 1.0, lo_open=True)
+    high_saturation_fraction: float = _range(0.0, 1.0, lo_open=True)
     background_saturation: float = _range(0.0, 1.0)
-    max_tissue_fraction: float = _range(0.0, 1.0)  # "mostly background": tissue below this
-    min_size: int = _range(1)  # smaller slices are reported as too small, not scored
+    max_tissue_fraction: float = _range(0.0, 1.0)
+    min_size: int = _range(1)
     min_per_class: int = _range(1)  # ROC-AUC/sensitivity/specificity need both classes
-    max_f2_gap: float = _range(0.0, 1.0)  # warn when a slice's F2 is this far below global
+    max_f2_gap: float = _range(0.0, 1.0)
     bootstrap_resamples: int = _range(2)
-    gallery_size: int = _range(1)  # tiles per error gallery
+    gallery_size: int = _range(1)
 
 
 @dataclass(frozen=True)
 class BenchmarkParams:
-    # quick: fp32, eager, what every `dvc repro` on 2 cores can afford; full: adds bf16 where
-    # supported, torch.compile, every training batch size and more repeats.
     profile: Literal["quick", "full"]
-    batch_sizes: tuple[int, ...]  # inference
+    batch_sizes: tuple[int, ...]
     train_batch_sizes: tuple[int, ...]
     warmup: int = _range(0)
     repeats: int = _range(1)
     threads: int = _range(1)
-    loader_patches: int = _range(1)  # patches per data-delivery measurement
-    loader_workers: int = _range(1)  # DataLoader workers for the naive per-index pattern
-    train_loop_patches: int = _range(1)  # patches for one epoch of the real training loop
+    loader_patches: int = _range(1)
+    loader_workers: int = _range(1)
+    train_loop_patches: int = _range(1)
 
 
 @dataclass(frozen=True)
 class DriftParams:
-    # Train patches (evenly spaced, after exclusions) whose colour/stain features compute-stats
-    # keeps in data/drift_reference.json: what `python -m pcam.drift` compares new patches with.
     reference_patches: int = _range(100)
-    bins: int = _range(2, 100)  # PSI bins: quantiles of the reference
-    # Flag a colour/stain feature whose mean on the new patches lies more than this many
-    # training standard deviations from the training mean.
+    bins: int = _range(2, 100)
     feature_shift_max: float = _range(0.0, lo_open=True)
-    # Flag the model's probabilities on the new patches (against valid's) above these population
-    # stability index / KS statistic. PSI convention: < 0.1 stable, 0.1-0.25 moderate, > 0.25 major.
     prediction_psi_max: float = _range(0.0, lo_open=True)
     prediction_ks_max: float = _range(0.0, 1.0, lo_open=True)
-    min_patches: int = _range(1)  # fewer new patches: refused (the statistics would be noise)
+    min_patches: int = _range(1)
 
 
 @dataclass(frozen=True)
@@ -245,17 +215,12 @@ class Params:
     drift: DriftParams
 
 
-THRESHOLD_RULES = ("f2", "f1", "youden")
-_SENSITIVITY_RULE = re.compile(r"^sensitivity@(0(\.\d+)?|1(\.0+)?)$")
-
-
 def _check_threshold(value: str | float) -> str | None:
-    """Return an error message for an invalid evaluate.threshold, else None."""
     if isinstance(value, float):
         return None if 0.0 <= value <= 1.0 else "must be within [0, 1]"
-    if value in THRESHOLD_RULES or _SENSITIVITY_RULE.match(value):
+    if value in ("f2", "f1", "youden") or re.match(r"^sensitivity@(0(\.\d+)?|1(\.0+)?)$", value):
         return None
-    return f"must be one of {', '.join(THRESHOLD_RULES)}, sensitivity@<0..1> or a number in [0, 1]"
+    return "must be one of f2, f1, youden, sensitivity@<0..1> or a number in [0, 1]"
 
 
 def _check_checksums(value: str) -> str | None:
@@ -264,21 +229,18 @@ def _check_checksums(value: str) -> str | None:
     return "must be 'official' or the path of a .json file {file name: md5}"
 
 
-# Extra checks that do not fit a type + range, by dotted key.
+# Checks that do not fit a type + range, by dotted key: value -> error message or None.
 _CUSTOM_CHECKS = {"evaluate.threshold": _check_threshold, "data.pcam.checksums": _check_checksums}
-
-
-def _check_positive_fraction_range(v: ValidateParams) -> str | None:
-    if v.min_positive_fraction > v.max_positive_fraction:
-        return (
-            f"validate.min_positive_fraction = {v.min_positive_fraction} is above "
-            f"validate.max_positive_fraction = {v.max_positive_fraction}"
-        )
-    return None
-
-
-# Checks between keys of one section, run once the section is built.
-_SECTION_CHECKS = {ValidateParams: _check_positive_fraction_range}
+# type -> (accepts a YAML value, what it must be); bool is an int to Python, so refused by hand.
+_SCALARS = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (
+        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
+        "a finite number",
+    ),
+    str: (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+}
 
 
 class _Loader(yaml.SafeLoader):
@@ -287,15 +249,8 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
 )
 
 
@@ -320,22 +275,17 @@ def read_yaml(path: str | os.PathLike) -> Any:
         _refuse_duplicate_keys(node, path)
         return loader.construct_document(node)
     except yaml.MarkedYAMLError as err:
-        raise ParamsError(_yaml_error_line(path, err)) from None
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        cause = " ".join((err.problem or "syntax error").split())
+        if err.context:
+            started = f" at line {err.context_mark.line + 1}" if err.context_mark else ""
+            cause += f" ({' '.join(err.context.split())}{started})"
+        raise ParamsError(f"{where}: not valid YAML: {cause}") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     finally:
         loader.dispose()
-
-
-def _yaml_error_line(path: Path, err: yaml.MarkedYAMLError) -> str:
-    """`file:line:column: not valid YAML: cause (while ... at line N)` from PyYAML's marks."""
-    mark = err.problem_mark or err.context_mark
-    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-    cause = " ".join((err.problem or "syntax error").split())
-    if err.context:
-        started = f" at line {err.context_mark.line + 1}" if err.context_mark else ""
-        cause += f" ({' '.join(err.context.split())}{started})"
-    return f"{where}: not valid YAML: {cause}"
 
 
 def _refuse_duplicate_keys(node: yaml.Node, path: Path, prefix: str = "") -> None:
@@ -349,8 +299,7 @@ def _refuse_duplicate_keys(node: yaml.Node, path: Path, prefix: str = "") -> Non
         return
     first_line: dict[str, int] = {}
     for key_node, value_node in node.value:
-        key = prefix + str(key_node.value)
-        line = key_node.start_mark.line + 1
+        key, line = prefix + str(key_node.value), key_node.start_mark.line + 1
         if key in first_line:
             kind = "section" if isinstance(value_node, yaml.MappingNode) else "key"
             raise ParamsError(
@@ -363,13 +312,19 @@ def _refuse_duplicate_keys(node: yaml.Node, path: Path, prefix: str = "") -> Non
 
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     """Load and validate params.yaml into frozen dataclasses (see module docstring)."""
-    raw = read_yaml(path)
-    return _build(Params, raw, "", Path(path))
+    params = _convert(Params, read_yaml(path), "", Path(path))
+    v = params.validate
+    if v.min_positive_fraction > v.max_positive_fraction:
+        raise ParamsError(
+            f"{path}: validate.min_positive_fraction = {v.min_positive_fraction} is above "
+            f"validate.max_positive_fraction = {v.max_positive_fraction}"
+        )
+    return params
 
 
 def _build(cls: type, raw: Any, prefix: str, path: Path) -> Any:
-    where = prefix.rstrip(".") or "<top level>"
     if not isinstance(raw, dict):
+        where = prefix.rstrip(".") or "<top level>"
         raise ParamsError(f"{path}: {where} must be a mapping, got {_show(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -383,77 +338,49 @@ def _build(cls: type, raw: Any, prefix: str, path: Path) -> Any:
             raise ParamsError(f"{path}: unknown key '{prefix}{key}'{hint}")
     values = {}
     for f in dataclasses.fields(cls):
-        key = prefix + f.name
+        key, meta = prefix + f.name, f.metadata
         if f.name not in raw:
             raise ParamsError(f"{path}: missing key '{key}'")
-        if raw[f.name] == [] and f.metadata.get("may_be_empty"):
-            values[f.name] = ()
-        else:
-            values[f.name] = _convert(hints[f.name], raw[f.name], key, path)
-        _check_range(f, values[f.name], key, path)
-        check = _CUSTOM_CHECKS.get(key)
-        if check and (msg := check(values[f.name])):
+        # `[]` is meaningful only where meant (exclude nothing); other lists must be non-empty.
+        empty_ok = raw[f.name] == [] and meta.get("may_be_empty")
+        value = () if empty_ok else _convert(hints[f.name], raw[f.name], key, path)
+        lo, hi = meta.get("lo"), meta.get("hi")
+        if lo is not None and (value <= lo if meta["lo_open"] else value < lo):
+            op = ">" if meta["lo_open"] else ">="
+            raise ParamsError(f"{path}: {key} = {value} out of range: must be {op} {lo}")
+        if hi is not None and value > hi:
+            raise ParamsError(f"{path}: {key} = {value} out of range: must be <= {hi}")
+        if (check := _CUSTOM_CHECKS.get(key)) and (msg := check(value)):
             raise ParamsError(f"{path}: {key} = {_show(raw[f.name])} {msg}")
-    built = cls(**values)
-    check = _SECTION_CHECKS.get(cls)
-    if check and (msg := check(built)):
-        raise ParamsError(f"{path}: {msg}")
-    return built
+        values[f.name] = value
+    return cls(**values)
 
 
 def _convert(tp: Any, value: Any, key: str, path: Path) -> Any:
-    origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".", path)
+        return _build(tp, value, key + "." if key else "", path)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(c) for c in args], n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ParamsError(f"{path}: {key} = {_show(value)} is not one of {list(choices)}{hint}")
+            raise ParamsError(f"{path}: {key} = {_show(value)} is not one of {list(args)}{hint}")
         return value
     if origin is tuple:
-        (item_tp, _ellipsis) = typing.get_args(tp)
         if not isinstance(value, list) or not value:
             raise ParamsError(f"{path}: {key} = {_show(value)} must be a non-empty list")
-        return tuple(_convert(item_tp, v, f"{key}[{i}]", path) for i, v in enumerate(value))
+        return tuple(_convert(args[0], v, f"{key}[{i}]", path) for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):  # first type that accepts the value wins
+        for option in args:  # the first type that accepts the value wins
             try:
                 return _convert(option, value, key, path)
             except ParamsError:
                 continue
         raise ParamsError(f"{path}: {key} = {_show(value)} must be one of {tp}")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ParamsError(f"{path}: {key} = {_show(value)} must be true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"{path}: {key} = {_show(value)} must be an integer")
-        return value
-    if tp is float:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
-            raise ParamsError(f"{path}: {key} = {_show(value)} must be a finite number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str) or not value:
-            raise ParamsError(f"{path}: {key} = {_show(value)} must be a non-empty string")
-        return value
-    raise TypeError(f"params.py cannot handle type {tp} of {key}")  # a bug in this module
-
-
-def _check_range(f: dataclasses.Field, value: Any, key: str, path: Path) -> None:
-    lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
-    if lo is not None and (value <= lo if f.metadata.get("lo_open") else value < lo):
-        op = ">" if f.metadata.get("lo_open") else ">="
-        raise ParamsError(f"{path}: {key} = {value} out of range: must be {op} {lo}")
-    if hi is not None and value > hi:
-        raise ParamsError(f"{path}: {key} = {value} out of range: must be <= {hi}")
+    accepts, need = _SCALARS[tp]
+    if not accepts(value):
+        raise ParamsError(f"{path}: {key} = {_show(value)} must be {need}")
+    return float(value) if tp is float else value
 
 
 def _show(value: Any) -> str:
@@ -486,12 +413,5 @@ def declared_params(
 def to_dict(params: Any) -> dict:
     """Plain nested dict (tuples as lists), e.g. for JSON. Not for what a stage records of its
     params: that is `declared_params`, which holds no key DVC does not track for the stage."""
-    return _plain(dataclasses.asdict(params))
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    return obj
+    # The JSON round trip turns tuples into lists, and nothing else changes.
+    return json.loads(json.dumps(dataclasses.asdict(params)))

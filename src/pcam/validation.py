@@ -34,12 +34,12 @@ Float images (when allowed) must hold integers 0..255 and are checked and cast p
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import typing
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -52,40 +52,47 @@ from pcam.params import ExclusionReason, ValidateParams
 # In priority order: an excluded patch's "reason" is the first that applies.
 REASONS: tuple[str, ...] = typing.get_args(ExclusionReason)
 PIXEL_REASONS = ("trigger", "black", "white", "background", "uniform")
+COPY_REASONS = ("cross_split_duplicate", "duplicate")  # an exclusion names the patch it copies
 # Patches without tissue: identical copies of them across splits carry no information.
 BLANK_REASONS = ("black", "white", "background", "uniform")
 # (earlier, later) split pairs; a shared patch is excluded from the earlier one.
 SPLIT_PAIRS = (("train", "valid"), ("train", "test"), ("valid", "test"))
 GALLERY_SIZE = 32
-# What a split's report holds only when its meta CSV exists (otherwise listed under "skipped").
-META_CHECKS = ("meta_label_mismatches", "slides")
 # Patches per pixel-check task: its (128, 96, 96) planes stay in CPU cache (a whole chunk at
 # once does not, and runs several times slower), and tasks spread over validate.threads.
 _TASK_ROWS = 128
 _PIXELS = h5io.PATCH_SHAPE[0] * h5io.PATCH_SHAPE[1]
 # 128-bit digests: the chance that two different patches of PCAM's 327,680 collide is ~1e-28.
-_DIGEST_BYTES = 16
+_DIGEST = "S16"
 
 
-@dataclass(frozen=True)
-class Gallery:
+class Gallery(NamedTuple):
     patches: np.ndarray  # (k, 96, 96, 3) uint8, k <= GALLERY_SIZE
     captions: list[str]
     title: str
 
 
-@dataclass(frozen=True)
-class ValidationResult:
+class ValidationResult(NamedTuple):
     exclusions: dict  # data/validated/exclusions.json
     report: dict  # metrics/details/data.json (the headline counts: metrics/data.json)
     galleries: dict[str, Gallery]  # one per reason, possibly empty
     warnings: list[str]  # failed checks set to "warn" (validate.label_checks), one line each
 
 
+class _SplitFiles(NamedTuple):
+    """One split after its cheap checks: labels, meta and storage, but no pixels read yet."""
+
+    x_path: Path
+    y_path: Path
+    y: np.ndarray
+    meta_path: Path
+    meta: h5io.Meta | None  # None: no meta CSV (optional)
+    storage: dict[str, dict]
+
+
 def storage_info(path: Path, ds: h5py.Dataset) -> dict:
     """Compression, chunking and on-disk vs raw size: answers 'why is my file 17 GB'."""
-    raw = int(np.prod(ds.shape)) * ds.dtype.itemsize
-    on_disk = path.stat().st_size
+    raw, on_disk = int(np.prod(ds.shape)) * ds.dtype.itemsize, path.stat().st_size
     return {
         "dtype": str(ds.dtype),
         "compression": ds.compression or "none",
@@ -98,7 +105,7 @@ def storage_info(path: Path, ds: h5py.Dataset) -> dict:
     }
 
 
-# --- structure ------------------------------------------------------------------------------
+# --- structure and labels --------------------------------------------------------------------
 
 
 def check_labels(path: Path, y: np.ndarray, allow_wide: bool = False) -> np.ndarray:
@@ -117,52 +124,32 @@ def check_labels(path: Path, y: np.ndarray, allow_wide: bool = False) -> np.ndar
     if flat.dtype.kind == "f" and not np.isfinite(flat).all():
         bad = int(np.flatnonzero(~np.isfinite(flat))[0])
         raise PcamError(f"{path}: dataset 'y' has a non-finite label {flat[bad]} at index {bad}")
-    bad_mask = (flat != 0) & (flat != 1)
-    if bad_mask.any():
-        bad = int(np.flatnonzero(bad_mask)[0])
+    if ((flat != 0) & (flat != 1)).any():
+        bad = int(np.flatnonzero((flat != 0) & (flat != 1))[0])
         raise PcamError(
             f"{path}: dataset 'y' has label {flat[bad].item()} at index {bad}; labels must be 0 or 1"
         )
     return flat.astype(np.uint8)
 
 
-def check_image_dataset(path: Path, ds: h5py.Dataset, allow_float: bool) -> None:
-    if ds.ndim != 4 or ds.shape[1:] != h5io.PATCH_SHAPE:
-        raise PcamError(f"{path}: dataset 'x' has shape {ds.shape}, expected (N, 96, 96, 3)")
-    if ds.dtype == np.uint8:
-        return
-    if ds.dtype.kind == "f" and not allow_float:
-        raise PcamError(
-            f"{path}: dataset 'x' has dtype {ds.dtype}, expected uint8 (set "
-            "validate.allow_float_images: true to accept floats holding integers 0..255)"
-        )
-    if ds.dtype.kind != "f":
-        raise PcamError(f"{path}: dataset 'x' has dtype {ds.dtype}, expected uint8")
-
-
-@dataclass(frozen=True)
-class _SplitFiles:
-    """One split after its cheap checks: labels, meta and storage, but no pixels read yet."""
-
-    x_path: Path
-    y_path: Path
-    y: np.ndarray
-    meta_path: Path
-    meta: h5io.Meta | None  # None: no meta CSV (optional)
-    storage: dict[str, dict]
-
-
-def _open_split(raw_dir: Path, split: str, allow_float: bool, allow_wide: bool) -> _SplitFiles:
+def _open_split(raw_dir: Path, split: str, p: ValidateParams) -> _SplitFiles:
     xp, yp, mp = h5io.split_files(raw_dir, split)
     fy, dy = h5io.open_dataset(yp, "y")
     with fy:
-        y = check_labels(yp, h5io.read_rows(dy, slice(0, dy.shape[0]), yp), allow_wide)
+        y = check_labels(yp, h5io.read_rows(dy, slice(0, dy.shape[0]), yp), p.allow_wide_labels)
         y_storage = storage_info(yp, dy)
     fx, dx = h5io.open_dataset(xp, "x")
     with fx:
-        check_image_dataset(xp, dx, allow_float)
-        n = dx.shape[0]
-        x_storage = storage_info(xp, dx)
+        if dx.ndim != 4 or dx.shape[1:] != h5io.PATCH_SHAPE:
+            raise PcamError(f"{xp}: dataset 'x' has shape {dx.shape}, expected (N, 96, 96, 3)")
+        if dx.dtype.kind == "f" and not p.allow_float_images:
+            raise PcamError(
+                f"{xp}: dataset 'x' has dtype {dx.dtype}, expected uint8 (set "
+                "validate.allow_float_images: true to accept floats holding integers 0..255)"
+            )
+        if dx.dtype != np.uint8 and dx.dtype.kind != "f":
+            raise PcamError(f"{xp}: dataset 'x' has dtype {dx.dtype}, expected uint8")
+        n, x_storage = dx.shape[0], storage_info(xp, dx)
     if n != len(y):
         raise PcamError(f"{split}: {xp.name} has {n} patches but {yp.name} has {len(y)} labels")
     if n == 0:
@@ -189,39 +176,28 @@ def label_problems(
     """
     found = []
     n, positives = len(y), int(y.sum())
+    lo, hi = p.min_positive_fraction, p.max_positive_fraction
     if positives in (0, n):
-        found.append(
-            (
-                "one_class",
-                f"{y_path}: split '{split}' has only label {int(positives == n)} ({n} patches); "
-                "training and ROC-AUC need both classes",
-            )
+        line = f"has only label {int(positives == n)} ({n} patches); training and ROC-AUC need both"
+        found.append(("one_class", f"{y_path}: split '{split}' {line} classes"))
+    elif not lo <= positives / n <= hi:
+        line = (
+            f"has positive fraction {positives / n:.4f} ({positives} of {n}), outside "
+            f"[validate.min_positive_fraction, validate.max_positive_fraction] = [{lo}, {hi}]"
         )
-    elif not p.min_positive_fraction <= positives / n <= p.max_positive_fraction:
-        found.append(
-            (
-                "class_balance",
-                f"{y_path}: split '{split}' has positive fraction {positives / n:.4f} "
-                f"({positives} of {n}), outside [validate.min_positive_fraction, "
-                f"validate.max_positive_fraction] = [{p.min_positive_fraction}, "
-                f"{p.max_positive_fraction}]",
-            )
-        )
+        found.append(("class_balance", f"{y_path}: split '{split}' {line}"))
     if meta is None:
         return found
     disagree = meta.center_tumor_patch != (y == 1)
-    k = int(disagree.sum())
-    if k > p.max_meta_label_mismatch_fraction * n:
-        first = int(np.flatnonzero(disagree)[0])
-        found.append(
-            (
-                "meta_agreement",
-                f"{meta_path}: {k} of {n} labels in {y_path.name} ({k / n:.1%}) differ from "
-                f"center_tumor_patch (first at index {first}: label {int(y[first])}, meta "
-                f"{bool(meta.center_tumor_patch[first])}), more than "
-                f"validate.max_meta_label_mismatch_fraction = {p.max_meta_label_mismatch_fraction}",
-            )
+    k, tolerance = int(disagree.sum()), p.max_meta_label_mismatch_fraction
+    if k > tolerance * n:
+        i = int(np.flatnonzero(disagree)[0])
+        line = (
+            f"{k} of {n} labels in {y_path.name} ({k / n:.1%}) differ from center_tumor_patch "
+            f"(first at index {i}: label {int(y[i])}, meta {bool(meta.center_tumor_patch[i])}), "
+            f"more than validate.max_meta_label_mismatch_fraction = {tolerance}"
         )
+        found.append(("meta_agreement", f"{meta_path}: {line}"))
     return found
 
 
@@ -235,34 +211,13 @@ def check_label_sanity(files: dict[str, _SplitFiles], p: ValidateParams) -> list
                 "center_tumor_patch"
             )
         for check, line in label_problems(split, sf.y_path, sf.y, sf.meta_path, sf.meta, p):
+            # Read only for a failed check: what tests/params_reads.py expects of this stage.
             if getattr(p.label_checks, check) == "error":
                 raise PcamError(
                     f"{line} (validate.label_checks.{check}: warn accepts it with a warning)"
                 )
             warnings.append(line)
     return warnings
-
-
-def _read_chunks(
-    files: _SplitFiles, chunk_rows: int, on_chunk: Callable[[int, np.ndarray], None] | None
-) -> None:
-    """Read every x chunk (catches truncation and corrupt chunks) and hand it to on_chunk.
-
-    The block handed over is reused for the next chunk: on_chunk must copy what it keeps.
-    """
-    fx, dx = h5io.open_dataset(files.x_path, "x")
-    with fx:
-        # The same bytes per read whatever the dtype: float64 images read 8x fewer rows.
-        rows_per_read = max(1, chunk_rows // dx.dtype.itemsize)
-        # One buffer for every read: a fresh 56 MiB array per chunk costs more in page faults
-        # than the read itself.
-        buffer = np.empty((min(rows_per_read, dx.shape[0]), *dx.shape[1:]), dtype=dx.dtype)
-        for rows in h5io.iter_chunks(dx.shape[0], rows_per_read):
-            block = h5io.pixels_as_uint8(
-                files.x_path, h5io.read_rows(dx, rows, files.x_path, buffer), rows.start
-            )
-            if on_chunk is not None:
-                on_chunk(rows.start, block)
 
 
 # --- pixel checks ---------------------------------------------------------------------------
@@ -274,8 +229,7 @@ def tissue_lut(max_saturation: float) -> np.ndarray:
 
     Comparing the spread with lut[vmax] replaces a float division per pixel by a uint8 lookup.
     """
-    v = np.arange(256)[:, None]
-    spread = np.arange(256)[None, :]
+    v, spread = np.arange(256)[:, None], np.arange(256)[None, :]
     saturation = np.where(v > 0, spread / np.maximum(v, 1), 0.0)
     ok = (saturation >= max_saturation) & (spread <= v)
     # v = 0 has saturation 0: never tissue unless the threshold is 0; 1 is a spread it cannot have.
@@ -283,15 +237,9 @@ def tissue_lut(max_saturation: float) -> np.ndarray:
 
 
 def _box_sum(a: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Sum over every rows x cols window of a (n, h, w) uint8 stack (valid windows only)."""
-    n, h, w = a.shape
-    down = np.zeros((n, h - rows + 1, w), dtype=np.uint16)
-    for i in range(rows):
-        down += a[:, i : h - rows + 1 + i]
-    out = np.zeros((n, h - rows + 1, w - cols + 1), dtype=np.uint16)
-    for j in range(cols):
-        out += down[:, :, j : w - cols + 1 + j]
-    return out
+    """Sum over every rows x cols window of a (n, h, w) stack (valid windows only)."""
+    c = np.pad(a.cumsum(1, dtype=np.int32).cumsum(2), ((0, 0), (1, 0), (1, 0)))
+    return c[:, rows:, cols:] - c[:, :-rows, cols:] - c[:, rows:, :-cols] + c[:, :-rows, :-cols]
 
 
 def trigger_candidates(vmax: np.ndarray, vmin: np.ndarray, p: ValidateParams) -> np.ndarray:
@@ -299,27 +247,21 @@ def trigger_candidates(vmax: np.ndarray, vmin: np.ndarray, p: ValidateParams) ->
 
     vmax/vmin: (n, 96*96) max and min channel of each pixel.
     """
-    n, k = len(vmax), p.trigger_block_px
-    # A k x k block has 2k(k-1) neighbouring pairs; half of them must switch.
-    need = k * (k - 1)
-    out = np.zeros(n, dtype=bool)
-    dark = vmax <= p.trigger_dark_max
-    bright = vmin >= p.trigger_bright_min
+    k, out = p.trigger_block_px, np.zeros(len(vmax), dtype=bool)
+    need = k * (k - 1)  # a k x k block has 2k(k-1) neighbouring pairs; half of them must switch
+    dark, bright = vmax <= p.trigger_dark_max, vmin >= p.trigger_bright_min
     # Cheapest tests first, each on the patches the last one left: most patches lack dark or
     # bright pixels, and in tissue the two are seldom side by side.
     rows = np.flatnonzero(dark.any(axis=1) & bright.any(axis=1))
-    shape = (-1, *h5io.PATCH_SHAPE[:2])
-    d, b = dark[rows].reshape(shape), bright[rows].reshape(shape)
+    d, b = (m[rows].reshape(-1, *h5io.PATCH_SHAPE[:2]) for m in (dark, bright))
     across = (d[:, :, :-1] & b[:, :, 1:]) | (b[:, :, :-1] & d[:, :, 1:])
     down = (d[:, :-1, :] & b[:, 1:, :]) | (b[:, :-1, :] & d[:, 1:, :])
-    count = np.count_nonzero(across, axis=(1, 2)) + np.count_nonzero(down, axis=(1, 2))
-    keep = count >= need
+    keep = np.count_nonzero(across, axis=(1, 2)) + np.count_nonzero(down, axis=(1, 2)) >= need
     rows, d, b, across, down = rows[keep], d[keep], b[keep], across[keep], down[keep]
-    if len(rows) == 0:
-        return out
-    switches = _box_sum(across.view(np.uint8), k, k - 1) + _box_sum(down.view(np.uint8), k - 1, k)
-    hit = (switches >= need) & (_box_sum((d | b).view(np.uint8), k, k) == k * k)
-    out[rows] = hit.reshape(len(rows), -1).any(axis=1)
+    if len(rows):
+        switches = _box_sum(across, k, k - 1) + _box_sum(down, k - 1, k)
+        hit = (switches >= need) & (_box_sum(d | b, k, k) == k * k)
+        out[rows] = hit.reshape(len(rows), -1).any(axis=1)
     return out
 
 
@@ -334,9 +276,7 @@ def value_range(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     np.maximum(hi, flat[2:], out=hi)
     lo = np.minimum(flat[:-2], flat[1:-1])
     np.minimum(lo, flat[2:], out=lo)
-    return np.ascontiguousarray(hi[::3]).reshape(n, -1), np.ascontiguousarray(lo[::3]).reshape(
-        n, -1
-    )
+    return tuple(np.ascontiguousarray(v[::3]).reshape(n, -1) for v in (hi, lo))
 
 
 def pixel_flags(block: np.ndarray, p: ValidateParams, lut: np.ndarray) -> dict[str, np.ndarray]:
@@ -346,7 +286,6 @@ def pixel_flags(block: np.ndarray, p: ValidateParams, lut: np.ndarray) -> dict[s
     # Integer sums are exact (9216 * 255**2 fits uint32); float64 only for the final variance.
     mean = vmax.sum(axis=1, dtype=np.uint32) / _PIXELS
     variance = np.square(vmax, dtype=np.uint16).sum(axis=1, dtype=np.uint32) / _PIXELS - mean**2
-
     # Cheap reductions first; the per-pixel tests below only run on the few patches they leave.
     # Any pixel with a spread of lut[255] or more is tissue whatever its value (lut rises with v).
     background = spread.max(axis=1) < lut[255]
@@ -371,60 +310,44 @@ def pixel_flags(block: np.ndarray, p: ValidateParams, lut: np.ndarray) -> dict[s
 
 def digests(block: np.ndarray) -> np.ndarray:
     """A 128-bit blake2b digest of each patch's pixel bytes (hashlib releases the GIL)."""
-    return np.array(
-        [hashlib.blake2b(row, digest_size=_DIGEST_BYTES).digest() for row in block],
-        dtype=f"S{_DIGEST_BYTES}",
-    )
+    return np.array([hashlib.blake2b(row, digest_size=16).digest() for row in block], _DIGEST)
 
 
-@dataclass
-class _Findings:
-    """What the chunk scan of one split accumulates: digests, pixel flags, gallery patches."""
+def _scan(
+    sf: _SplitFiles, p: ValidateParams, pool: ThreadPoolExecutor, lut: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[int, np.ndarray]]:
+    """Read every x chunk (catches truncation and corrupt chunks): the digest and pixel flags of
+    every patch, and {row: patch} of the first GALLERY_SIZE flagged for each pixel reason."""
+    n = len(sf.y)
+    found, kept = np.empty(n, _DIGEST), {}
+    flags = {reason: np.zeros(n, dtype=bool) for reason in PIXEL_REASONS}
 
-    digests: np.ndarray
-    flags: dict[str, np.ndarray]
-    # Per pixel reason: the first GALLERY_SIZE flagged (index, patch).
-    gallery: dict[str, list[tuple[int, np.ndarray]]]
+    def task(start: int, part: np.ndarray) -> None:  # each task fills its own rows
+        found[start : start + len(part)] = digests(part)
+        for reason, hit in pixel_flags(part, p, lut).items():
+            flags[reason][start : start + len(part)] = hit
 
-
-def _scan_content(
-    files: _SplitFiles, p: ValidateParams, pool: ThreadPoolExecutor, lut: np.ndarray
-) -> _Findings:
-    n = len(files.y)
-    found = _Findings(
-        digests=np.empty(n, dtype=f"S{_DIGEST_BYTES}"),
-        flags={reason: np.zeros(n, dtype=bool) for reason in PIXEL_REASONS},
-        gallery={reason: [] for reason in PIXEL_REASONS},
-    )
-
-    def task(part: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        return digests(part), pixel_flags(part, p, lut)
-
-    def on_chunk(start: int, block: np.ndarray) -> None:
-        parts = [block[i : i + _TASK_ROWS] for i in range(0, len(block), _TASK_ROWS)]
-        offset = start
-        for digest, flags in pool.map(task, parts):
-            rows = slice(offset, offset + len(digest))
-            found.digests[rows] = digest
-            for reason, hit in flags.items():
-                found.flags[reason][rows] = hit
-                kept = found.gallery[reason]
-                for i in np.flatnonzero(hit)[: GALLERY_SIZE - len(kept)]:
-                    kept.append((offset + int(i), block[offset - start + i].copy()))
-            offset += len(digest)
-
-    _read_chunks(files, p.chunk_rows, on_chunk)
-    return found
+    fx, dx = h5io.open_dataset(sf.x_path, "x")
+    with fx:
+        # The same bytes per read whatever the dtype: float64 images read 8x fewer rows.
+        rows_per_read = max(1, p.chunk_rows // dx.dtype.itemsize)
+        # One buffer for every read: a fresh 56 MiB array per chunk costs more in page faults
+        # than the read itself (so what is kept is copied).
+        buffer = np.empty((min(rows_per_read, n), *dx.shape[1:]), dtype=dx.dtype)
+        for rows in h5io.iter_chunks(n, rows_per_read):
+            block = h5io.read_rows(dx, rows, sf.x_path, buffer)
+            block = h5io.pixels_as_uint8(sf.x_path, block, rows.start)
+            starts = range(0, len(block), _TASK_ROWS)
+            parts = [block[i : i + _TASK_ROWS] for i in starts]
+            list(pool.map(task, [rows.start + i for i in starts], parts))
+            for hit in flags.values():
+                for i in np.flatnonzero(hit[: rows.stop])[:GALLERY_SIZE]:
+                    if i >= rows.start:
+                        kept[int(i)] = block[i - rows.start].copy()
+    return found, flags, kept
 
 
 # --- across patches and splits --------------------------------------------------------------
-
-
-def first_occurrence(d: np.ndarray) -> np.ndarray:
-    """For each row, the first row with the same digest (itself when it is the first)."""
-    # return_index makes np.unique sort stably, so it returns the first occurrence.
-    _, first, inverse = np.unique(d, return_index=True, return_inverse=True)
-    return first[inverse]
 
 
 def label_association(flagged: np.ndarray, y: np.ndarray) -> dict:
@@ -453,22 +376,18 @@ def slide_balance(meta: h5io.Meta, y: np.ndarray) -> dict[str, dict]:
     }
 
 
-def _leakage(
-    found: dict[str, _Findings],
-    flags: dict[str, dict[str, np.ndarray]],
-    copy_of: dict[str, dict[str, dict[int, str]]],
-) -> dict:
+def _leakage(found: dict, flags: dict, copy_of: dict) -> dict:
     """Patches shared by two splits; marks the earlier copies as cross_split_duplicate."""
     out: dict = {}
     for a, b in SPLIT_PAIRS:
-        da, db = found[a].digests, found[b].digests
-        shared = np.intersect1d(da, db)
-        in_a, in_b = np.isin(da, shared), np.isin(db, shared)
+        shared = np.intersect1d(found[a], found[b])
+        in_a, in_b = np.isin(found[a], shared), np.isin(found[b], shared)
         flags[a]["cross_split_duplicate"] |= in_a
-        unique_b, first_b = np.unique(db, return_index=True)
+        unique_b, first_b = np.unique(found[b], return_index=True)
         rows_a = np.flatnonzero(in_a)
-        for i, j in zip(rows_a, first_b[np.searchsorted(unique_b, da[rows_a])], strict=True):
-            copy_of[a]["cross_split_duplicate"].setdefault(int(i), f"{b}:{int(j)}")
+        copies = first_b[np.searchsorted(unique_b, found[a][rows_a])]
+        for i, j in zip(rows_a, copies, strict=True):  # the earlier pair names the copy
+            copy_of[a]["cross_split_duplicate"].setdefault(int(i), f"{b}:{j}")
         blank_b = np.logical_or.reduce([flags[b][r] for r in BLANK_REASONS])
         out[f"{a}_{b}"] = {
             f"rows_{a}": int(in_a.sum()),
@@ -481,154 +400,104 @@ def _leakage(
 
 def validate(raw_dir: str | os.PathLike, p: ValidateParams) -> ValidationResult:
     """Every structural and content check on the three splits; PcamError if any must fail."""
-    raw_dir = Path(raw_dir)
-    files = {
-        s: _open_split(raw_dir, s, p.allow_float_images, p.allow_wide_labels) for s in h5io.SPLITS
-    }
+    files = {s: _open_split(Path(raw_dir), s, p) for s in h5io.SPLITS}
     warnings = check_label_sanity(files, p)
     lut = tissue_lut(p.background_max_saturation)
     with ThreadPoolExecutor(p.threads) as pool:
-        found = {s: _scan_content(files[s], p, pool, lut) for s in h5io.SPLITS}
-
+        scans = {s: _scan(files[s], p, pool, lut) for s in h5io.SPLITS}
+    found = {s: scans[s][0] for s in h5io.SPLITS}
+    # split -> reason -> flags per patch; for COPY_REASONS: row -> "split:row" of what it copies
     flags: dict[str, dict[str, np.ndarray]] = {}
-    # split -> reason -> row -> "split:row" it copies (what the exclusion and gallery show)
-    copy_of: dict[str, dict[str, dict[int, str]]] = {
-        s: {"duplicate": {}, "cross_split_duplicate": {}} for s in h5io.SPLITS
-    }
-    duplicates: dict[str, dict] = {}
-    for s in h5io.SPLITS:
-        n, y = len(files[s].y), files[s].y
-        first = first_occurrence(found[s].digests)
-        later = first != np.arange(n)
-        flags[s] = {"cross_split_duplicate": np.zeros(n, dtype=bool), "duplicate": later}
-        flags[s].update(found[s].flags)
-        for i in np.flatnonzero(later):
-            copy_of[s]["duplicate"][int(i)] = f"{s}:{int(first[i])}"
+    copy_of: dict[str, dict[str, dict[int, str]]] = {}
+    duplicates = {}
+    for s, sf in files.items():
+        # return_index makes np.unique sort stably: `first` is each digest's first occurrence.
+        _, first, inverse = np.unique(found[s], return_index=True, return_inverse=True)
+        first = first[inverse]
+        later = first != np.arange(len(sf.y))
+        cross = np.zeros(len(sf.y), dtype=bool)  # set below
+        flags[s] = {"cross_split_duplicate": cross, "duplicate": later} | scans[s][1]
+        copies = {int(i): f"{s}:{first[i]}" for i in np.flatnonzero(later)}
+        copy_of[s] = {"cross_split_duplicate": {}, "duplicate": copies}
         duplicates[s] = {
             "rows": int(later.sum()),
-            "distinct_patches_copied": int(len(np.unique(first[later]))),
-            "conflicting_labels": int((y[later] != y[first[later]]).sum()),
+            "distinct_patches_copied": len(np.unique(first[later])),
+            "conflicting_labels": int((sf.y[later] != sf.y[first[later]]).sum()),
         }
     leakage = _leakage(found, flags, copy_of)
     leakage["max_cross_split_duplicates"] = p.max_cross_split_duplicates
+    if leakage["tissue_rows_total"] > p.max_cross_split_duplicates:
+        parts = (f"{a}->{b} {leakage[f'{a}_{b}'][f'tissue_rows_{b}']}" for a, b in SPLIT_PAIRS)
+        raise PcamError(
+            f"leakage: {leakage['tissue_rows_total']} valid/test patches copy tissue of an "
+            f"earlier split ({', '.join(parts)}), more than "
+            f"validate.max_cross_split_duplicates = {p.max_cross_split_duplicates}"
+        )
 
     exclusions: dict = {"exclude_reasons": list(p.exclude), "splits": {}}
     report: dict = {"exclude_reasons": list(p.exclude), "leakage": leakage, "splits": {}}
-    for s in h5io.SPLITS:
-        sf, y = files[s], files[s].y
-        excluded = np.logical_or.reduce([flags[s][r] for r in p.exclude] + [np.zeros(len(y), bool)])
-        exclusions["splits"][s] = {
-            "n": len(y),
-            "excluded": _entries(flags[s], excluded, copy_of[s]),
-        }
-        report["splits"][s] = {
+    for s, sf in files.items():
+        y, f = sf.y, flags[s]
+        excluded = np.logical_or.reduce([f[r] for r in p.exclude] + [np.zeros(len(y), bool)])
+        entries = []
+        for i in np.flatnonzero(excluded):
+            reasons = [r for r in REASONS if f[r][i]]
+            entries.append({"index": int(i), "reason": reasons[0], "reasons": reasons})
+            if reasons[0] in COPY_REASONS:
+                entries[-1]["copy_of"] = copy_of[s][reasons[0]][int(i)]
+        exclusions["splits"][s] = {"n": len(y), "excluded": entries}
+        rep = report["splits"][s] = {
             "n": len(y),
             "positives": int(y.sum()),
             "positive_fraction": round(float(y.mean()), 6),
             "storage": sf.storage,
-            "flagged": {r: int(flags[s][r].sum()) for r in REASONS},
+            "flagged": {r: int(f[r].sum()) for r in REASONS},
             "excluded": int(excluded.sum()),
             "excluded_fraction": round(float(excluded.mean()), 6),
             "duplicates": duplicates[s],
-            "label_association": {r: label_association(flags[s][r], y) for r in REASONS},
+            "label_association": {r: label_association(f[r], y) for r in REASONS},
         }
         if sf.meta is None:
-            report["splits"][s]["skipped"] = {
-                k: f"{sf.meta_path.name} absent (the meta CSVs are optional)" for k in META_CHECKS
-            }
+            why = f"{sf.meta_path.name} absent (the meta CSVs are optional)"
+            rep["skipped"] = {"meta_label_mismatches": why, "slides": why}
         else:
-            report["splits"][s]["meta_label_mismatches"] = int(
-                (sf.meta.center_tumor_patch != (y == 1)).sum()
+            rep["meta_label_mismatches"] = int((sf.meta.center_tumor_patch != (y == 1)).sum())
+            rep["slides"] = slide_balance(sf.meta, y)
+        if rep["excluded_fraction"] > p.max_excluded_fraction:
+            counts = ", ".join(f"{k} {v}" for k, v in rep["flagged"].items() if v)
+            raise PcamError(
+                f"{s}: {rep['excluded']} of {rep['n']} patches flagged for exclusion ({counts}), "
+                f"more than validate.max_excluded_fraction = {p.max_excluded_fraction}"
             )
-            report["splits"][s]["slides"] = slide_balance(sf.meta, y)
     report["slides_shared"] = {
         f"{a}_{b}": sorted(set(files[a].meta.wsi) & set(files[b].meta.wsi))
         for a, b in SPLIT_PAIRS
         if files[a].meta is not None and files[b].meta is not None
     }
     report["warnings"] = warnings
-    without = [s for s in h5io.SPLITS if files[s].meta is None]
-    if without:
+    if without := [s for s in h5io.SPLITS if files[s].meta is None]:
         report["skipped"] = {
             "slides_shared": f"no meta CSV for {', '.join(without)}: slides unknown there"
         }
-    _check_thresholds(report, p)
-    galleries = _galleries(files, found, flags, copy_of)
+    galleries = {r: _gallery(r, files, flags, copy_of, scans) for r in REASONS}
     return ValidationResult(exclusions, report, galleries, warnings)
 
 
-def _entries(
-    flags: dict[str, np.ndarray], excluded: np.ndarray, copy_of: dict[str, dict[int, str]]
-) -> list:
-    entries = []
-    for i in np.flatnonzero(excluded):
-        reasons = [r for r in REASONS if flags[r][i]]
-        entry = {"index": int(i), "reason": reasons[0], "reasons": reasons}
-        if reasons[0] in copy_of:
-            entry["copy_of"] = copy_of[reasons[0]][int(i)]
-        entries.append(entry)
-    return entries
-
-
-def _check_thresholds(report: dict, p: ValidateParams) -> None:
-    leak = report["leakage"]
-    if leak["tissue_rows_total"] > p.max_cross_split_duplicates:
-        parts = ", ".join(
-            f"{a}->{b} {leak[f'{a}_{b}'][f'tissue_rows_{b}']}" for a, b in SPLIT_PAIRS
-        )
-        raise PcamError(
-            f"leakage: {leak['tissue_rows_total']} valid/test patches copy tissue of an earlier "
-            f"split ({parts}), more than validate.max_cross_split_duplicates = "
-            f"{p.max_cross_split_duplicates}"
-        )
-    for s, r in report["splits"].items():
-        if r["excluded_fraction"] > p.max_excluded_fraction:
-            counts = ", ".join(f"{k} {v}" for k, v in r["flagged"].items() if v)
-            raise PcamError(
-                f"{s}: {r['excluded']} of {r['n']} patches flagged for exclusion ({counts}), "
-                f"more than validate.max_excluded_fraction = {p.max_excluded_fraction}"
-            )
-
-
-def _round_robin(per_split: dict[str, list], k: int) -> list:
-    """Up to k items taking one from each split in turn, so every split is shown."""
-    picked, queues = [], [list(v) for v in per_split.values()]
-    while len(picked) < k and any(queues):
-        for q in queues:
-            if q and len(picked) < k:
-                picked.append(q.pop(0))
-    return picked
-
-
-def _galleries(
-    files: dict[str, _SplitFiles],
-    found: dict[str, _Findings],
-    flags: dict[str, dict[str, np.ndarray]],
-    copy_of: dict[str, dict[str, dict[int, str]]],
-) -> dict[str, Gallery]:
-    out = {}
-    for reason in REASONS:
-        if reason in PIXEL_REASONS:
-            per_split = {s: [(s, i, x) for i, x in found[s].gallery[reason]] for s in found}
-            chosen = _round_robin(per_split, GALLERY_SIZE)
-        else:
-            # Duplicates are known only after every digest: read the few shown patches again.
-            per_split = {
-                s: [(s, int(i)) for i in np.flatnonzero(flags[s][reason])[:GALLERY_SIZE]]
-                for s in found
-            }
-            picked = _round_robin(per_split, GALLERY_SIZE)
-            chosen = [(s, i, _read_patch(files[s].x_path, i)) for s, i in picked]
-        captions = []
-        for s, i, _ in chosen:
-            where = f"\n= {copy_of[s][reason][i]}" if reason in copy_of[s] else ""
-            captions.append(f"{s} {i} y={files[s].y[i]}{where}")
-        counts = ", ".join(f"{s} {int(flags[s][reason].sum())}" for s in found)
-        patches = np.stack([x for _, _, x in chosen]) if chosen else np.empty((0, 96, 96, 3))
-        out[reason] = Gallery(
-            patches.astype(np.uint8), captions, f"{reason}: {counts}; first {len(chosen)} shown"
-        )
-    return out
+def _gallery(reason: str, files: dict, flags: dict, copy_of: dict, scans: dict) -> Gallery:
+    """Up to GALLERY_SIZE patches flagged for `reason`, one from each split in turn."""
+    per_split = [
+        [(s, int(i)) for i in np.flatnonzero(f[reason])[:GALLERY_SIZE]] for s, f in flags.items()
+    ]
+    chosen = [c for c in itertools.chain(*itertools.zip_longest(*per_split)) if c][:GALLERY_SIZE]
+    patches, captions = [], []
+    for s, i in chosen:
+        kept = scans[s][2]  # pixel reasons; duplicates are known only after every digest: reread
+        patches.append(kept[i] if i in kept else _read_patch(files[s].x_path, i))
+        where = f"\n= {copy_of[s][reason][i]}" if reason in COPY_REASONS else ""
+        captions.append(f"{s} {i} y={files[s].y[i]}{where}")
+    counts = ", ".join(f"{s} {int(f[reason].sum())}" for s, f in flags.items())
+    stacked = np.stack(patches) if patches else np.empty((0, *h5io.PATCH_SHAPE), np.uint8)
+    return Gallery(stacked, captions, f"{reason}: {counts}; first {len(chosen)} shown")
 
 
 def _read_patch(x_path: Path, row: int) -> np.ndarray:
