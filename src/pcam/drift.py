@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pcam import stats as stain  # the colour/stain features
+from pcam import stats
 from pcam.errors import PcamError, exit_on_user_error
 from pcam.fileio import write_json
 from pcam.params import DriftParams, load_params
@@ -41,16 +41,16 @@ EXIT_DRIFT = 3
 
 
 def load_reference(path: Path) -> np.ndarray:
-    """The training sample's features as (n, len(stain.FEATURES)), in stain.FEATURES order."""
+    """The training sample's features as (n, len(stats.FEATURES)), in stats.FEATURES order."""
     if not path.is_file():
         raise PcamError(f"{path}: drift reference not found (run `dvc repro compute-stats`)")
     doc = json.loads(path.read_text())
-    if doc.get("features") != list(stain.FEATURES):
+    if doc.get("features") != list(stats.FEATURES):
         raise PcamError(
             f"{path}: features {doc.get('features')} differ from this code's "
-            f"{list(stain.FEATURES)} (run `dvc repro compute-stats`)"
+            f"{list(stats.FEATURES)} (run `dvc repro compute-stats`)"
         )
-    return np.column_stack([doc["values"][name] for name in stain.FEATURES])
+    return np.column_stack([doc["values"][name] for name in stats.FEATURES])
 
 
 def compare(reference: np.ndarray, new: np.ndarray, bins: int) -> dict:
@@ -64,7 +64,7 @@ def compare(reference: np.ndarray, new: np.ndarray, bins: int) -> dict:
         "mean_new": float(new.mean()),
         "std_reference": sd,
         "shift_in_sd": float((new.mean() - reference.mean()) / sd) if sd > 0 else 0.0,
-        "psi": stain.psi(reference, new, bins),
+        "psi": stats.psi(reference, new, bins),
         "ks": float(ks.statistic),
         "ks_p": float(ks.pvalue),
     }
@@ -130,9 +130,9 @@ def check(args: argparse.Namespace, p: DriftParams) -> tuple[dict, list[tuple]]:
             f"{', '.join(map(str, args.inputs))}: {len(x)} patches, fewer than drift.min_patches = "
             f"{p.min_patches} (too few for the statistics to mean anything)"
         )
-    new = stain.patch_features(x)
+    new = stats.patch_features(x)
     prob = probabilities(args.model, x, args.batch_size)
-    panels = [(n, reference[:, i], new[:, i]) for i, n in enumerate(stain.FEATURES)]
+    panels = [(n, reference[:, i], new[:, i]) for i, n in enumerate(stats.FEATURES)]
     features = {name: compare(ref, cur, p.bins) for name, ref, cur in panels}
     for c in features.values():
         c["flagged"] = abs(c["shift_in_sd"]) > p.feature_shift_max
