@@ -122,6 +122,16 @@ def test_requeue_decision(tmp_path, line, restart_count, requeued, says):
     assert ("requeue 7" in calls.read_text().splitlines()) == requeued
 
 
+def test_requeue_outside_slurm_says_how_to_resume(tmp_path):
+    (tmp_path / "train.pt").write_bytes(b"")
+    e = env() | {"PCAM_CHECKPOINT_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "pcam.slurm", "requeue", "", "local-42"]
+    proc = subprocess.run(cmd, env=e, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert f"the checkpoint is kept in {tmp_path}" in proc.stderr
+    assert "not a SLURM job: run it again with PCAM_STATE_KEY=local-42" in proc.stderr
+
+
 # --- the small helpers the batch scripts call (formerly Python heredocs in slurm/common.sh) ---
 
 

@@ -112,7 +112,7 @@ def requeue(job_id: str, key: str) -> int:
         log("stopped before training wrote a checkpoint")
     resubmit = f"resubmit with sbatch --export=ALL,PCAM_STATE_KEY={key} to resume"
     if not job_id:
-        log(f"ERROR: not a SLURM job: {resubmit}")
+        log(f"ERROR: not a SLURM job: run it again with PCAM_STATE_KEY={key} to resume")
         return 1
     show = subprocess.run(
         ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=False
