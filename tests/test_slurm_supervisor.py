@@ -122,6 +122,16 @@ def test_requeue_decision(tmp_path, line, restart_count, requeued, says):
     assert ("requeue 7" in calls.read_text().splitlines()) == requeued
 
 
+def test_requeue_outside_slurm_says_how_to_resume(tmp_path):
+    (tmp_path / "train.pt").write_bytes(b"")
+    e = env() | {"PCAM_CHECKPOINT_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "pcam.slurm", "requeue", "", "local-42"]
+    proc = subprocess.run(cmd, env=e, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert f"the checkpoint is kept in {tmp_path}" in proc.stderr
+    assert "not a SLURM job: run it again with PCAM_STATE_KEY=local-42" in proc.stderr
+
+
 # --- the small helpers the batch scripts call (formerly Python heredocs in slurm/common.sh) ---
 
 
@@ -212,3 +222,52 @@ def test_use_cache_writes_the_local_config(in_copy):
     conf = ConfigObj(str(in_copy / ".dvc" / "config.local"))
     assert conf["cache"] == {"dir": "/shared/cache", "type": "reflink,copy"}
     assert conf["core"]["site_cache_dir"] == "/tmp/site"
+
+
+def test_check_devices_prints_the_experiment_name(in_copy, capsys):
+    from pcam import slurm
+
+    default = ["check-devices", "--name", "pcam-exp-7", "--"]
+    assert slurm.main([*default, "-S", "train.lr=0.1", "train"]) == 0
+    assert capsys.readouterr().out == "pcam-exp-7\n"
+    for given in (["-n", "mine"], ["--name", "mine"], ["--name=mine"]):
+        assert slurm.main([*default, "-S", "train.lr=0.1", *given, "train"]) == 0
+        assert capsys.readouterr().out == "mine\n", given
+    assert slurm.main(["check-devices", "--", "-n", "mine"]) == 0  # no --name: prints nothing
+    assert capsys.readouterr().out == ""
+
+
+def test_copy_back_copies_what_git_sees_changed(tmp_path, monkeypatch, capsys):
+    from pcam import slurm
+    from tests.e2e import run
+
+    work, checkout = tmp_path / "work", tmp_path / "checkout"
+    for d in (work, checkout):
+        (d / "metrics").mkdir(parents=True)
+        (d / "dvc.lock").write_text("old\n")
+        (d / "gone.json").write_text("{}\n")
+        (d / "metrics" / "kept.json").write_text("{}\n")
+    run(["git", "init", "-q"], work)
+    run(["git", "add", "-A"], work)
+    run(["git", "commit", "-q", "-m", "start"], work)
+    (work / "dvc.lock").write_text("new\n")
+    (work / "gone.json").unlink()
+    (work / "plots").mkdir()
+    (work / "plots" / "roc.json").write_text("[1]\n")
+    (checkout / "untracked.txt").write_text("mine\n")
+    monkeypatch.chdir(work)
+    assert slurm.main(["copy-back", str(checkout)]) == 0
+    assert (checkout / "dvc.lock").read_text() == "new\n"
+    assert (checkout / "plots" / "roc.json").read_text() == "[1]\n"
+    assert not (checkout / "gone.json").exists()
+    assert (checkout / "metrics" / "kept.json").read_text() == "{}\n"
+    assert (checkout / "untracked.txt").read_text() == "mine\n"
+    assert sorted(p.name for p in checkout.rglob("*")) == [
+        "dvc.lock",
+        "kept.json",
+        "metrics",
+        "plots",
+        "roc.json",
+        "untracked.txt",
+    ]  # no temporary files left
+    assert "copied 3 changed file(s) back to" in capsys.readouterr().err

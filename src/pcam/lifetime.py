@@ -1,21 +1,16 @@
 """A stage process dies with the `dvc` process that started it.
 
-When `dvc repro` or `dvc exp run` is killed (SIGKILL, SIGTERM), DVC's lock goes and dvc.lock
-never records the stage; a stage still running would write outputs that nothing tracks, maybe
-while the next `dvc repro` writes the same files. So a stage gets SIGTERM when dvc ends: it ends
-any stage at once, and the training loop, which catches it, finishes its step, checkpoints and
-exits (the same path as a SLURM preemption, where dvc and the stage may both get SIGTERM and dvc
-may go first).
+When `dvc repro` or `dvc exp run` is killed, DVC's lock goes and dvc.lock never records the stage;
+a stage still running would write outputs that nothing tracks, maybe while the next `dvc repro`
+writes the same files. So a stage gets SIGTERM when dvc ends: it ends any stage at once, and the
+training, which catches it, checkpoints and exits (as on a SLURM preemption).
 
-DVC runs a stage as `$SHELL -c CMD` (/bin/sh where SHELL is unset, as in CI). bash execs a lone
-command, so the stage's parent is dvc; dash (Debian's /bin/sh) does not, so the parent is a shell
-that outlives a killed dvc. Two mechanisms cover both:
-- the kernel signals us when our parent dies (prctl PR_SET_PDEATHSIG): dvc itself, or the shell;
-- where the parent is not dvc, a daemon thread waits on a pidfd of the nearest `dvc` ancestor
-  (pidfd_open, Linux 5.3; polling where that is missing) and signals us when it exits.
-pcam/__init__.py calls die_with_dvc() when DVC_STAGE is set (DVC sets it for every stage
-command), i.e. as soon as a stage imports pcam; processes a stage starts that import pcam (DDP
-ranks) die with it too. tests/test_lifetime.py kills a dvc-like parent under bash and dash.
+DVC runs a stage as `$SHELL -c CMD`. bash execs a lone command, so the stage's parent is dvc; dash
+(Debian's /bin/sh) does not, and its shell outlives a killed dvc. Hence two mechanisms: the kernel
+signals us when our parent dies (PR_SET_PDEATHSIG), and where the parent is not dvc, a thread
+waits on a pidfd of the nearest `dvc` ancestor (pidfd_open, Linux 5.3; polling where missing).
+pcam/__init__.py calls die_with_dvc() when DVC_STAGE is set (DVC sets it for every stage command);
+processes a stage starts that import pcam (DDP ranks) die with it too.
 """
 
 from __future__ import annotations
@@ -33,23 +28,23 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 POLL_S = 0.5  # only where pidfd_open is missing
 
 
-def die_with_dvc(sig: signal.Signals = signal.SIGTERM) -> bool:
-    """Get `sig` when our parent or the `dvc` process we run under ends; False off Linux."""
+def die_with_dvc(sig: signal.Signals = signal.SIGTERM) -> None:
+    """Get `sig` when our parent or the `dvc` process we run under ends (Linux only)."""
     if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-        return False
-    parent = os.getppid()
+        return
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return
+    ppid = os.getppid()
     # A parent that died before the prctl call left us to init (pid 1): that death is missed, so
     # act on it now. Unless dvc itself is pid 1 (`docker run IMAGE dvc repro`).
-    if parent == 1 and not _runs_dvc(1):
+    if ppid == 1 and not _runs_dvc(1):
         os.kill(os.getpid(), sig)
-        return True
-    dvc = _dvc_ancestor(parent)
-    if dvc is not None and dvc != parent:
+        return
+    dvc = ppid
+    while dvc > 1 and not _runs_dvc(dvc, missing=False):  # the nearest dvc ancestor
+        dvc = _parent(dvc)
+    if dvc > 1 and dvc != ppid:
         _watch(dvc, sig)
-    return True
 
 
 def _watch(pid: int, sig: signal.Signals) -> None:
@@ -75,16 +70,8 @@ def _watch(pid: int, sig: signal.Signals) -> None:
     threading.Thread(target=wait, name="pcam-die-with-dvc", daemon=True).start()
 
 
-def _dvc_ancestor(pid: int) -> int | None:
-    """The nearest process from `pid` up whose command line runs dvc."""
-    while pid > 1:
-        if _runs_dvc(pid, missing=False):
-            return pid
-        pid = _parent(pid)
-    return None
-
-
 def _parent(pid: int) -> int:
+    """The parent PID of `pid` (0 when it is gone)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
