@@ -277,17 +277,14 @@ def run_dvc(args: list[str], repo: Path, capture: bool = True) -> subprocess.Com
     return subprocess.run(cmd, cwd=repo, env=env, capture_output=capture, text=True, check=False)
 
 
-def error_line(proc: subprocess.CompletedProcess[str]) -> str:
-    """dvc's own `ERROR: ...` line (not its "Having any troubles?" banner), else what it printed."""
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR: ")]
-    return lines[0].removeprefix("ERROR: ") if lines else proc.stderr.strip() or proc.stdout.strip()
-
-
 def dvc_out(args: list[str], repo: Path) -> str:
     """The stdout of `dvc ARGS` in `repo`; DvcFailed naming the command when it fails."""
     proc = run_dvc(args, repo)
     if proc.returncode != 0:
-        raise DvcFailed(f"`dvc {' '.join(args)}` exited {proc.returncode}: {error_line(proc)}")
+        # dvc's own `ERROR: ...` line (not its "Having any troubles?" banner), else what it printed.
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR: ")]
+        why = errors[0].removeprefix("ERROR: ") if errors else (proc.stderr or proc.stdout).strip()
+        raise DvcFailed(f"`dvc {' '.join(args)}` exited {proc.returncode}: {why}")
     return proc.stdout
 
 
@@ -304,12 +301,6 @@ def dvc_json(args: list[str], repo: Path) -> dict[str, Any]:
     return doc
 
 
-def read_lock(repo: Path) -> dict[str, Any]:
-    """The parsed dvc.lock of `repo`, or {} when there is none (nothing has been run)."""
-    path = repo / "dvc.lock"
-    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pcam.lockcheck", description=__doc__.split("\n")[0]
@@ -324,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     except DvcFailed as err:
         print(f"error: in {args.repo}: {err}", file=sys.stderr)
         return 2
-    lock = read_lock(args.repo)
+    lock_path = args.repo / "dvc.lock"  # none: nothing has been run
+    lock = (yaml.safe_load(lock_path.read_text()) or {}) if lock_path.exists() else {}
     problems = [
         *find_drift(status, lock),
         *find_contradictions(lock, local_dir_listings(args.repo)),
@@ -334,10 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print(STALE_HINT)
         return 1
-    n_absent = len(absent_outputs(status))
-    print(
-        f"dvc.lock is current ({len(lock.get('stages') or {})} stages; {n_absent} outputs absent, not checked)"
-    )
+    n_stages, n_absent = len(lock.get("stages") or {}), len(absent_outputs(status))
+    print(f"dvc.lock is current ({n_stages} stages; {n_absent} outputs absent, not checked)")
     return 0
 
 

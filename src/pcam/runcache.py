@@ -24,13 +24,12 @@ def push(remote: str | None = None) -> tuple[int, int, int]:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
+    uploaded, present = 0, 0
     try:
         with Repo() as repo, repo.lock:
             records = repo.stage_cache.push(remote)  # what `dvc push --run-cache` sends
             # Each record as a stage with every output cached: its model, metrics and plots.
-            named = repo.stage_cache.get_used_objs(records)
-            uploaded, present = 0, 0
-            for objs in named.values():
+            for objs in repo.stage_cache.get_used_objs(records).values():
                 result = repo.cloud.push(objs, remote=remote)
                 if result.failed:
                     raise PcamError(
@@ -50,8 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="command", required=True)
     push_ap = sub.add_parser("push", help="push the run-cache and the files its records name")
     push_ap.add_argument("-r", "--remote", help="a DVC remote (default: the default remote)")
-    args = ap.parse_args(argv)
-    records, uploaded, present = push(args.remote)
+    records, uploaded, present = push(ap.parse_args(argv).remote)
     print(
         f"runcache: {records} run records pushed; the files they name: {uploaded} uploaded, "
         f"{present} already in the remote"
