@@ -13,12 +13,8 @@ say (whether a stage or an output is recorded in the lock at all). What counts a
 DVC uses to decide whether to re-run a stage: entries removed from dvc.yaml but left in dvc.lock,
 and frozen stages, are not reported (DVC ignores them). Only the root dvc.lock is read.
 
-It also refuses a dvc.lock that contradicts itself, which `dvc status` cannot see without data
-(DVC issue 5369): a stage re-run alone (`dvc repro -s prepare` after a param change) records a new
-hash for its output while a downstream stage still records the old one for the same path. When one
-path lies inside the other (`data/raw/x.h5` from the directory output `data/raw`), the per-file
-hashes are only in the directory's `.dir` listing: such pairs are compared when that listing is in
-the local DVC cache, and skipped otherwise.
+It also refuses a dvc.lock that contradicts itself (README: "CI and pre-commit"), which `dvc
+status` cannot see without data (DVC issue 5369).
 """
 
 from __future__ import annotations

@@ -3,17 +3,10 @@
 
     python -m pcam.remotecheck [--repo DIR] [--remote NAME]     # or: make remote-check [REMOTE=NAME]
 
-Works in a clone without data or cache (CI). It asks DVC itself, file by file:
-`dvc data status --not-in-remote --granular --json -r NAME` compares what dvc.lock (and any `.dvc`
-file) names with the remote, inside directory outputs too, reading each directory's `.dir` listing
-from the local cache or else from the default remote. A directory whose listing is in neither
-place is reported as one entry, `data/raw/`. (Not `dvc status --cloud`: it leaves such a directory
-out of its answer with only a warning, and counts every file of a directory as present once the
-directory's `.dir` object is, DVC issue 8079.)
-
-Exit 0: every cached output is in the remote. Exit 1: one line per missing file, `not in remote
-'gcs': models/model.pt (in the local cache: dvc push)`, then a summary. Exit 2: no remote
-configured, or dvc could not reach it (the message says which).
+Works in a clone without data or cache: `dvc data status --not-in-remote --granular`, file by file
+inside directories; a directory whose `.dir` listing is nowhere is named as a whole, `data/raw/`.
+Why not `dvc status --cloud`: README, "Remote storage (GCS)" (and DVC issue 8079). Exit 1: one line
+per missing file, then a summary. Exit 2: no remote configured, or dvc could not reach it.
 """
 
 from __future__ import annotations

@@ -7,20 +7,12 @@
                                   [--plots-dir reports/plots] [--html-template FILE]
     make sweep-report / make changes-report        # the same, with the paths above
 
-`experiments` reads `dvc exp show --json` (HEAD, or `--rev`, and its experiments; `--input` reads a
-saved copy), groups the finished experiments into configurations (every param except `train.seed`)
-and prints a markdown table of mean ± sample std over seeds, best first. The champion is the
-configuration with the best mean on a *validation* metric, among the experiments only: the baseline
-commit is not part of the grid (it may have other params and is one run, not a mean over seeds), so
-it is shown apart, in its own table and as a dashed line in the plot. Test metrics are shown, never
-used to choose, or the test split would leak into model selection.
-
-`changes` writes markdown for a pull request: `dvc params diff`, `dvc metrics diff` and a link to the
-`dvc plots diff` page, comparing the workspace (or `--rev`) against `--base`.
-
-A metric KEY is `split.metric` in metrics/eval.json (`valid.roc_auc`) or `FILE:KEY` for another
-file (`metrics/train.json:best_val_loss`). Metrics stored as {value, ci_low, ci_high} (commits
-before metrics/eval.json held only the headline) read `value`.
+What the reports hold, and why the champion is the best mean on a *validation* metric among the
+experiments only (the baseline commit is shown apart, test metrics never choose): README, "Sweeps
+averaged over seeds" and "Change reports for pull requests". A metric KEY is `split.metric` in
+metrics/eval.json (`valid.roc_auc`) or `FILE:KEY` for another file
+(`metrics/train.json:best_val_loss`); {value, ci_low, ci_high} (older commits' metrics/eval.json)
+reads `value`.
 """
 
 from __future__ import annotations

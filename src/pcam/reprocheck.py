@@ -2,20 +2,12 @@
 
     python -m pcam.reprocheck [--repo DIR]      # or: make repro-check (CI runs it after make test)
 
-It runs `dvc repro --force` (every stage, none restored from the run-cache), then compares each
-recorded dependency hash, param value and output hash of the new dvc.lock with the saved one. In
-CI, on a clean clone, that is the committed dvc.lock: the check proves that the committed numbers
-come out of the committed code, params and data on this machine. Benchmark timings (TIMING_OUTPUTS)
-are the only entries allowed to differ.
-
-Exit 0: `repro-check: all N hashes reproduced`. Exit 1: one line naming the first stage (pipeline
-order) and file that differ, both hashes, and how many differ in all. Exit 2: `dvc repro` failed.
-
-The saved dvc.lock and every output that git tracks (metrics, plots, dvclive) are put back
-afterwards, so `git status` is what it was; the new dvc.lock is kept in NEW_LOCK (git-ignored) for
-a closer look: `diff dvc.lock .dvc/tmp/repro-check/dvc.lock`. Cached outputs (data, model,
-predictions) stay as re-derived: on a mismatch, `dvc checkout` brings back the saved lock's
-versions if they are in the cache.
+`dvc repro --force` (nothing from the run-cache), then every dependency hash, param value and
+output hash of the new dvc.lock against the saved one; only TIMING_OUTPUTS may differ (README: "CI
+and pre-commit"). Exit 0: all reproduced. Exit 1: one line naming the first stage (pipeline
+order) and file that differ, both hashes, and how many differ. Exit 2: `dvc repro` failed. The
+saved dvc.lock and the git-tracked outputs are put back (`git status` is what it was); the new lock
+is kept in NEW_LOCK. Cached outputs stay as re-derived: `dvc checkout` brings back the saved ones.
 """
 
 from __future__ import annotations

@@ -2,14 +2,11 @@
 
     python -m pcam.runcache push [-r REMOTE]      # instead of `dvc push --run-cache`
 
-The run-cache records each run of a stage (its deps and params -> its outputs' hashes), so a run
-with inputs seen before is restored, not redone. `dvc push --run-cache` (DVC 3.67) uploads the
-records but, of the files they name, only the outputs of the workspace's dvc.lock, and never a
-`cache: false` output (the metrics and plots DVC keeps in its cache for the run-cache). A clone
-that pulls the records then still runs the stage: DVC restores a stage only when it can get
-every output. This pushes the records and every file they name. The teammate's side is DVC's own:
-`dvc pull --run-cache`, then `dvc exp run --pull ...` or `dvc repro --pull`, which fetch a
-restored stage's files from the remote (tests/test_remote_gcs.py).
+`dvc push --run-cache` (DVC 3.67) uploads the run records but, of the files they name, only the
+outputs of the workspace's dvc.lock and never a `cache: false` output; DVC restores a stage only
+when it can get every output, so a clone that pulls the records still runs it. This pushes the
+records and every file they name; the teammate's side is DVC's own (`dvc pull --run-cache`, then
+`dvc exp run --pull` or `dvc repro --pull`; README: "Remote storage (GCS)", tests/test_remote_gcs.py).
 """
 
 from __future__ import annotations
