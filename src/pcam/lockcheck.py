@@ -260,7 +260,7 @@ class DvcFailed(Exception):
 def dvc_executable() -> str:
     # Prefer the dvc of this interpreter's venv: CI may not have the venv's bin/ on PATH.
     beside = Path(sys.executable).parent / "dvc"
-    found = str(beside) if os.access(beside, os.X_OK) else shutil.which("dvc")
+    found = str(beside) if beside.is_file() and os.access(beside, os.X_OK) else shutil.which("dvc")
     if found is None:
         raise DvcFailed("dvc not found next to the Python interpreter or on PATH")
     return found
@@ -277,9 +277,10 @@ def dvc_out(args: list[str], repo: Path) -> str:
     """The stdout of `dvc ARGS` in `repo`; DvcFailed naming the command when it fails."""
     proc = run_dvc(args, repo)
     if proc.returncode != 0:
-        # dvc's own `ERROR: ...` line (not its "Having any troubles?" banner), else what it printed.
-        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR: ")]
-        why = errors[0].removeprefix("ERROR: ") if errors else (proc.stderr or proc.stdout).strip()
+        lines = (proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"]
+        # dvc ends every failure with a "Having any troubles?" banner; its ERROR line says why.
+        errors = [ln.removeprefix("ERROR: ") for ln in lines if ln.startswith("ERROR: ")]
+        why = errors[0] if errors else lines[-1]
         raise DvcFailed(f"`dvc {' '.join(args)}` exited {proc.returncode}: {why}")
     return proc.stdout
 
