@@ -1,8 +1,6 @@
 """Check that dvc.lock is current with the committed code, params and dvc.yaml, without any data.
 
-Run it in CI on a fresh clone (no data, no DVC cache):
-
-    python -m pcam.lockcheck [--repo DIR]      # or: make lock-check
+    python -m pcam.lockcheck [--repo DIR]      # or: make lock-check (CI, on a fresh clone)
 
 Exit 0: nothing `dvc repro` would re-run except for outputs that are merely absent. Exit 1: one line
 per problem (`train: param changed: train.lr`) and a hint to re-run and commit. Exit 2: dvc itself
@@ -11,21 +9,12 @@ failed (not a DVC repo, invalid dvc.yaml / dvc.lock / params.yaml).
 Why not simpler tools: `dvc status` reports every absent output in a clone without data, and
 `dvc repro --dry --allow-missing` misses some changes (DVC issues 9818 and 9861). So this parses
 `dvc status --json` and sets "absent" apart from real drift, using dvc.lock for what status cannot
-say (whether a stage or an output is recorded in the lock at all).
+say (whether a stage or an output is recorded in the lock at all). What counts as current is what
+DVC uses to decide whether to re-run a stage: entries removed from dvc.yaml but left in dvc.lock,
+and frozen stages, are not reported (DVC ignores them). Only the root dvc.lock is read.
 
-What counts as current is what DVC itself uses to decide whether to re-run a stage. Two
-consequences: dependencies, params, outputs or stages *removed* from dvc.yaml but still in dvc.lock
-are not reported (DVC ignores the leftover entries, and `dvc repro` would not touch them); and
-frozen stages are not checked (DVC neither reports nor re-runs them). Only the root dvc.lock is
-read, so stages of a nested dvc.yaml would be reported as not in dvc.lock; this project has none.
-
-It also refuses a dvc.lock that contradicts itself, which `dvc status` cannot see without data
-(DVC issue 5369): a stage re-run alone (`dvc repro -s prepare` after a param change) records a new
-hash for its output while a downstream stage still records the old one for the same path. Exact
-paths are always compared, also in a clone with no data or cache. When one path lies inside the
-other (a stage depends on `data/raw/x.h5` from the directory output `data/raw`), the per-file
-hashes are only in the directory's `.dir` listing in the DVC cache: such pairs are compared when
-that listing is in the local cache, and skipped otherwise.
+It also refuses a dvc.lock that contradicts itself (README: "CI and pre-commit"), which `dvc
+status` cannot see without data (DVC issue 5369).
 """
 
 from __future__ import annotations
@@ -38,32 +27,22 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
-# Drift kinds: each is the middle part of a printed line `stage: kind: detail`.
-STAGE_NOT_LOCKED = "stage not in dvc.lock (run dvc repro)"
-COMMAND_CHANGED = "command changed"
-PARAM_CHANGED = "param changed"
-PARAM_NOT_LOCKED = "param not in dvc.lock"
-PARAM_DELETED = "param deleted from params file"
-DEP_MODIFIED = "dependency modified"
-DEP_DELETED = "dependency deleted"
-DEP_NOT_LOCKED = "dependency not in dvc.lock"
-OUT_MODIFIED = "output modified in workspace"
-OUT_NOT_LOCKED = "output not in dvc.lock"
-
 # Output states that only say the file is not here (no data pulled, or a clone has no cache).
 ABSENT = ("not in cache", "deleted")
-
+PARAM_KINDS = {
+    "modified": "param changed",
+    "new": "param not in dvc.lock",
+    "deleted": "param deleted from params file",
+}
 STALE_HINT = "dvc.lock is stale: run `dvc repro` and commit dvc.lock"
 
 
-@dataclass(frozen=True)
-class Drift:
+class Drift(NamedTuple):
     """One way in which dvc.lock no longer describes the pipeline, for one stage."""
 
     stage: str
@@ -71,8 +50,7 @@ class Drift:
     detail: str = ""
 
     def __str__(self) -> str:
-        line = f"{self.stage}: {self.kind}"
-        return f"{line}: {self.detail}" if self.detail else line
+        return f"{self.stage}: {self.kind}" + (f": {self.detail}" if self.detail else "")
 
 
 def norm_path(path: str) -> str:
@@ -80,116 +58,79 @@ def norm_path(path: str) -> str:
     return posixpath.normpath(path.replace("\\", "/"))
 
 
-def _overlaps(a: str, b: str) -> bool:
+def overlaps(a: str, b: str) -> bool:
     return a == b or a.startswith(b + "/") or b.startswith(a + "/")
 
 
-def _locked_paths(entry: dict[str, Any], key: str) -> set[str]:
+def locked_paths(entry: dict[str, Any], key: str) -> set[str]:
     return {norm_path(item["path"]) for item in entry.get(key) or []}
 
 
 def _status_outs(entries: list[Any]) -> dict[str, str]:
-    outs: dict[str, str] = {}
-    for entry in entries:
-        if isinstance(entry, dict):
-            outs.update(entry.get("changed outs", {}))
-    return outs
-
-
-def _is_data_file(key: str) -> bool:
-    # `dvc add` / `dvc import` files appear in status under their own name, not as stages.
-    return key.endswith(".dvc")
+    return {
+        p: s for e in entries if isinstance(e, dict) for p, s in e.get("changed outs", {}).items()
+    }
 
 
 def find_drift(status: dict[str, Any], lock: dict[str, Any]) -> list[Drift]:
-    """Real changes in `dvc status --json` output, ignoring outputs that are merely absent.
+    """Real changes in `dvc status --json` output (`status`), ignoring outputs merely absent.
 
-    `status` is the parsed JSON of `dvc status --json`; `lock` is the parsed dvc.lock ({} when
-    there is none). The lock is needed because in a clone without data a stage that was never run,
-    or an output that was never recorded, looks in `status` exactly like a recorded one whose file
-    is absent.
+    `lock` is the parsed dvc.lock ({} when there is none): in a clone without data, a stage never
+    run or an output never recorded looks in `status` exactly like a recorded one that is absent.
     """
     locked = lock.get("stages") or {}
     # A deleted dependency is only absence when it is (inside) some stage's output: a clone has
     # upstream outputs missing. Outputs of `.dvc` files are not in dvc.lock, so take status's too.
-    all_outs = {path for entry in locked.values() for path in _locked_paths(entry, "outs")}
+    all_outs = {path for entry in locked.values() for path in locked_paths(entry, "outs")}
     all_outs |= {norm_path(path) for entries in status.values() for path in _status_outs(entries)}
 
     drift: list[Drift] = []
     for stage, entries in status.items():
-        if _is_data_file(stage):
-            for path, state in _status_outs(entries).items():
-                if state not in ABSENT:
-                    drift.append(Drift(stage, OUT_MODIFIED, path))
+        if stage.endswith(".dvc"):  # `dvc add` / `dvc import` files: only an edit counts
+            outs = _status_outs(entries).items()
+            drift += [
+                Drift(stage, "output modified in workspace", p) for p, s in outs if s not in ABSENT
+            ]
             continue
         if stage not in locked:
             # Everything else about a never-run stage is noise: its deps all look "modified".
-            drift.append(Drift(stage, STAGE_NOT_LOCKED))
+            drift.append(Drift(stage, "stage not in dvc.lock (run dvc repro)"))
             continue
-        entry = locked[stage]
-        locked_deps = _locked_paths(entry, "deps") | {
-            norm_path(p) for p in entry.get("params") or {}
-        }
-        locked_outs = _locked_paths(entry, "outs")
+        params_files = {norm_path(p) for p in locked[stage].get("params") or {}}
+        deps = locked_paths(locked[stage], "deps") | params_files
+        outs = locked_paths(locked[stage], "outs")
         for item in entries:
             if isinstance(item, str):
-                drift.extend(_stage_drift(stage, item))
+                # "always changed": the stage opted out of caching; that is not a stale lock.
+                if item != "always changed":
+                    drift.append(
+                        Drift(stage, {"changed command": "command changed"}.get(item, item))
+                    )
                 continue
             for path, state in item.get("changed deps", {}).items():
-                drift.extend(_dep_drift(stage, path, state, locked_deps, all_outs))
+                if isinstance(state, dict):  # a params file: {"train.lr": "modified", ...}
+                    drift += [
+                        Drift(stage, PARAM_KINDS.get(s, f"param {s}"), k) for k, s in state.items()
+                    ]
+                elif norm_path(path) not in deps:
+                    # Added to dvc.yaml, no recorded hash: "modified", or "deleted" when absent.
+                    drift.append(Drift(stage, "dependency not in dvc.lock", path))
+                elif state != "deleted" or not any(overlaps(norm_path(path), o) for o in all_outs):
+                    drift.append(Drift(stage, f"dependency {state}", path))
             for path, state in item.get("changed outs", {}).items():
-                drift.extend(_out_drift(stage, path, state, locked_outs))
+                if norm_path(path) not in outs:
+                    # An output added to dvc.yaml: absent, it shows as "deleted" like a recorded one.
+                    drift.append(Drift(stage, "output not in dvc.lock", path))
+                elif state not in ABSENT:
+                    kind = {"modified": "modified in workspace"}.get(state, state)
+                    drift.append(Drift(stage, f"output {kind}", path))
     return drift
-
-
-def _stage_drift(stage: str, state: str) -> list[Drift]:
-    if state == "changed command":
-        return [Drift(stage, COMMAND_CHANGED)]
-    if state == "always changed":
-        # The stage opted out of caching (always_changed: true); that is not a stale lock.
-        return []
-    return [Drift(stage, state)]
-
-
-def _dep_drift(
-    stage: str, path: str, state: str | dict[str, str], locked_deps: set[str], all_outs: set[str]
-) -> list[Drift]:
-    if isinstance(state, dict):  # a params file: {"train.lr": "modified", ...}
-        kinds = {"modified": PARAM_CHANGED, "new": PARAM_NOT_LOCKED, "deleted": PARAM_DELETED}
-        return [Drift(stage, kinds.get(s, f"param {s}"), key) for key, s in state.items()]
-    if norm_path(path) not in locked_deps:
-        # A dependency added to dvc.yaml has no recorded hash: status calls it "modified", or
-        # "deleted" when it is an upstream output absent from this clone. Either way it is new.
-        return [Drift(stage, DEP_NOT_LOCKED, path)]
-    if state == "deleted":
-        if any(_overlaps(norm_path(path), out) for out in all_outs):
-            return []
-        return [Drift(stage, DEP_DELETED, path)]
-    if state == "modified":
-        return [Drift(stage, DEP_MODIFIED, path)]
-    return [Drift(stage, f"dependency {state}", path)]
-
-
-def _out_drift(stage: str, path: str, state: str, locked_outs: set[str]) -> list[Drift]:
-    if norm_path(path) not in locked_outs:
-        # An output added to dvc.yaml: absent, it shows as "deleted" just like a recorded one.
-        return [Drift(stage, OUT_NOT_LOCKED, path)]
-    if state in ABSENT:
-        return []
-    if state == "modified":
-        return [Drift(stage, OUT_MODIFIED, path)]
-    return [Drift(stage, f"output {state}", path)]
 
 
 def absent_outputs(status: dict[str, Any]) -> list[str]:
     """Outputs that `dvc status` reports only as not here: what this check cannot verify."""
-    paths = {
-        norm_path(path)
-        for entries in status.values()
-        for path, state in _status_outs(entries).items()
-        if state in ABSENT
-    }
-    return sorted(paths)
+    outs = (_status_outs(entries).items() for entries in status.values())
+    return sorted({norm_path(p) for items in outs for p, state in items if state in ABSENT})
 
 
 # --- dvc.lock against itself ----------------------------------------------------------------------
@@ -202,8 +143,7 @@ def no_listings(_md5: str) -> dict[str, str] | None:
     return None
 
 
-@dataclass(frozen=True)
-class Contradiction:
+class Contradiction(NamedTuple):
     """`consumer` recorded `dep_md5` for `path`; `producer`, which writes it, recorded `out_md5`."""
 
     producer: str
@@ -222,24 +162,22 @@ class Contradiction:
 def pipeline_order(lock: dict[str, Any]) -> list[str]:
     """The stages of dvc.lock, each after the stages whose outputs it depends on (ties: lock order)."""
     stages = lock.get("stages") or {}
-    names = list(stages)
-    outs = {name: _locked_paths(stages[name], "outs") for name in names}
+    outs = {name: locked_paths(entry, "outs") for name, entry in stages.items()}
     upstream = {
         name: {
             other
-            for other in names
+            for other in stages
             if other != name
-            for dep in _locked_paths(stages[name], "deps")
-            for out in outs[other]
-            if _overlaps(dep, out)
+            for dep in locked_paths(stages[name], "deps")
+            if any(overlaps(dep, out) for out in outs[other])
         }
-        for name in names
+        for name in stages
     }
     order: list[str] = []
-    while len(order) < len(names):
-        ready = [n for n in names if n not in order and upstream[n] <= set(order)]
+    while len(order) < len(stages):
+        ready = [n for n in stages if n not in order and upstream[n] <= set(order)]
         # A cycle cannot be run by DVC; keep the rest in lock order rather than loop forever.
-        order.append(ready[0] if ready else next(n for n in names if n not in order))
+        order.append(ready[0] if ready else next(n for n in stages if n not in order))
     return order
 
 
@@ -247,35 +185,25 @@ def recorded_hash(item: dict[str, Any]) -> str | None:
     return item.get("md5") or item.get("etag") or item.get("checksum")
 
 
-def _files(path: str, md5: str, listing: DirListing) -> dict[str, str] | None:
-    """Per-file hashes of one lock entry, or None for a directory whose listing is not here."""
-    if not md5.endswith(".dir"):
-        return {path: md5}
-    entries = listing(md5)
-    if entries is None:
-        return None
-    return {posixpath.join(path, rel): h for rel, h in entries.items()}
-
-
-def _within(files: dict[str, str], inner: str) -> dict[str, str]:
-    return {p: h for p, h in files.items() if p == inner or p.startswith(inner + "/")}
-
-
 def first_difference(
     a: tuple[str, str], b: tuple[str, str], listing: DirListing
 ) -> tuple[str, str, str] | None:
     """Where two recorded (path, md5) entries for overlapping paths disagree: (path, md5 in a,
     md5 in b), None when they agree or cannot be compared (a `.dir` listing is not here)."""
-    (path_a, md5_a), (path_b, md5_b) = a, b
-    if path_a == path_b and md5_a == md5_b:
+    if a == b:
         return None
-    files_a, files_b = _files(path_a, md5_a, listing), _files(path_b, md5_b, listing)
-    if files_a is None or files_b is None:
-        # Unknown contents: only an equal path can still be judged (by the hash of the whole).
-        return (path_a, md5_a, md5_b) if path_a == path_b else None
+    files = []
+    for path, md5 in (a, b):
+        entries = listing(md5) if md5.endswith(".dir") else {"": md5}
+        if entries is None:
+            # Unknown contents: only an equal path can still be judged (by the hash of the whole).
+            return (a[0], a[1], b[1]) if a[0] == b[0] else None
+        files.append({posixpath.join(path, rel) if rel else path: h for rel, h in entries.items()})
     # Compare the part both entries describe: the deeper of the two paths.
-    inner = max(path_a, path_b, key=len)
-    files_a, files_b = _within(files_a, inner), _within(files_b, inner)
+    inner = max(a[0], b[0], key=len)
+    files_a, files_b = (
+        {p: h for p, h in f.items() if (p + "/").startswith(inner + "/")} for f in files
+    )
     for path in sorted(files_a.keys() | files_b.keys()):
         if files_a.get(path) != files_b.get(path):
             return path, files_a.get(path, "absent"), files_b.get(path, "absent")
@@ -288,22 +216,19 @@ def find_contradictions(
     """Every path whose hash as an output of one stage differs from the hash another stage
     recorded for it (or for a file inside it, or a directory holding it) as a dependency."""
     stages = lock.get("stages") or {}
-    found: list[Contradiction] = []
     order = pipeline_order(lock)
+    entries = {
+        (name, key): [(norm_path(i["path"]), recorded_hash(i)) for i in stages[name].get(key) or []]
+        for name in order
+        for key in ("outs", "deps")
+    }
+    found = []
     for producer in order:
-        for out in stages[producer].get("outs") or []:
-            out_entry = (norm_path(out["path"]), recorded_hash(out))
-            if out_entry[1] is None:
-                continue
+        for out in entries[producer, "outs"]:
             for consumer in order:
-                if consumer == producer:
-                    continue
-                for dep in stages[consumer].get("deps") or []:
-                    dep_entry = (norm_path(dep["path"]), recorded_hash(dep))
-                    if dep_entry[1] is None or not _overlaps(out_entry[0], dep_entry[0]):
-                        continue
-                    diff = first_difference(out_entry, dep_entry, listing)
-                    if diff:
+                for dep in entries[consumer, "deps"] if consumer != producer else []:
+                    comparable = out[1] and dep[1] and overlaps(out[0], dep[0])
+                    if comparable and (diff := first_difference(out, dep, listing)):
                         found.append(Contradiction(producer, consumer, *diff))
     return found
 
@@ -328,93 +253,77 @@ def local_dir_listings(repo: Path) -> DirListing:
 # --- running dvc -----------------------------------------------------------------------------------
 
 
-def dvc_executable() -> str | None:
+class DvcFailed(Exception):
+    """dvc itself could not answer (not a repo, invalid YAML, dvc missing, remote unreachable)."""
+
+
+def dvc_executable() -> str:
     # Prefer the dvc of this interpreter's venv: CI may not have the venv's bin/ on PATH.
     beside = Path(sys.executable).parent / "dvc"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    return shutil.which("dvc")
-
-
-class DvcFailed(Exception):
-    """dvc itself could not report a status (not a repo, invalid YAML, dvc missing)."""
-
-
-def run_dvc(args: list[str], repo: Path) -> subprocess.CompletedProcess[str]:
-    """`dvc ARGS` in `repo`, output captured; DvcFailed when there is no dvc to run."""
-    dvc = dvc_executable()
-    if dvc is None:
+    found = str(beside) if beside.is_file() and os.access(beside, os.X_OK) else shutil.which("dvc")
+    if found is None:
         raise DvcFailed("dvc not found next to the Python interpreter or on PATH")
+    return found
+
+
+def run_dvc(args: list[str], repo: Path, capture: bool = True) -> subprocess.CompletedProcess[str]:
+    """`dvc ARGS` in `repo` (output captured unless `capture` is false)."""
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    return subprocess.run(
-        [dvc, *args], cwd=repo, env=env, capture_output=True, text=True, check=False
-    )
+    cmd = [dvc_executable(), *args]
+    return subprocess.run(cmd, cwd=repo, env=env, capture_output=capture, text=True, check=False)
 
 
-def error_line(proc: subprocess.CompletedProcess[str]) -> str:
-    """dvc's own `ERROR: ...` line, else whatever it printed."""
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR: ")]
-    return lines[0].removeprefix("ERROR: ") if lines else proc.stderr.strip() or proc.stdout.strip()
+def dvc_out(args: list[str], repo: Path) -> str:
+    """The stdout of `dvc ARGS` in `repo`; DvcFailed naming the command when it fails."""
+    proc = run_dvc(args, repo)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"]
+        # dvc ends every failure with a "Having any troubles?" banner; its ERROR line says why.
+        errors = [ln.removeprefix("ERROR: ") for ln in lines if ln.startswith("ERROR: ")]
+        why = errors[0] if errors else lines[-1]
+        raise DvcFailed(f"`dvc {' '.join(args)}` exited {proc.returncode}: {why}")
+    return proc.stdout
 
 
 def dvc_json(args: list[str], repo: Path) -> dict[str, Any]:
     """Run `dvc ARGS` (ARGS including --json) in `repo`; its stdout parsed as a JSON object."""
-    proc = run_dvc(args, repo)
     command = f"`dvc {' '.join(args)}`"
-    if proc.returncode != 0:
-        raise DvcFailed(f"{command} exited {proc.returncode}: {error_line(proc)}")
     # Warnings (e.g. about frozen stages) go to stderr; stdout holds only the JSON.
     try:
-        status = json.loads(proc.stdout or "{}")
+        doc = json.loads(dvc_out(args, repo) or "{}")
     except json.JSONDecodeError as err:
         raise DvcFailed(f"{command} printed something that is not JSON: {err}") from err
-    if not isinstance(status, dict):
-        raise DvcFailed(f"{command} printed a {type(status).__name__}, not an object")
-    return status
-
-
-def dvc_status(repo: Path) -> dict[str, Any]:
-    """Run `dvc status --json` in `repo` and return its parsed stdout."""
-    return dvc_json(["status", "--json"], repo)
-
-
-def read_lock(repo: Path) -> dict[str, Any]:
-    """The parsed dvc.lock of `repo`, or {} when there is none (nothing has been run)."""
-    path = repo / "dvc.lock"
-    if not path.exists():
-        return {}
-    return yaml.safe_load(path.read_text()) or {}
+    if not isinstance(doc, dict):
+        raise DvcFailed(f"{command} printed a {type(doc).__name__}, not an object")
+    return doc
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pcam.lockcheck",
-        description="Check that dvc.lock is current; works on a clone with no data or cache.",
+        prog="python -m pcam.lockcheck", description=__doc__.split("\n")[0]
     )
-    parser.add_argument(
-        "--repo", type=Path, default=Path("."), help="root of the DVC repo (default: cwd)"
-    )
+    parser.add_argument("--repo", type=Path, default=Path("."), help="DVC repo root (default: cwd)")
     args = parser.parse_args(argv)
-
     if not args.repo.is_dir():
         print(f"error: --repo {args.repo} is not a directory", file=sys.stderr)
         return 2
     try:
-        status = dvc_status(args.repo)
+        status = dvc_json(["status", "--json"], args.repo)
     except DvcFailed as err:
         print(f"error: in {args.repo}: {err}", file=sys.stderr)
         return 2
-    lock = read_lock(args.repo)
-
-    problems: list[Drift | Contradiction] = [*find_drift(status, lock)]
-    problems += find_contradictions(lock, local_dir_listings(args.repo))
+    lock_path = args.repo / "dvc.lock"  # none: nothing has been run
+    lock = (yaml.safe_load(lock_path.read_text()) or {}) if lock_path.exists() else {}
+    problems = [
+        *find_drift(status, lock),
+        *find_contradictions(lock, local_dir_listings(args.repo)),
+    ]
+    for problem in problems:
+        print(problem)
     if problems:
-        for problem in problems:
-            print(problem)
         print(STALE_HINT)
         return 1
-    n_stages = len(lock.get("stages") or {})
-    n_absent = len(absent_outputs(status))
+    n_stages, n_absent = len(lock.get("stages") or {}), len(absent_outputs(status))
     print(f"dvc.lock is current ({n_stages} stages; {n_absent} outputs absent, not checked)")
     return 0
 

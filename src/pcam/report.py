@@ -7,20 +7,12 @@
                                   [--plots-dir reports/plots] [--html-template FILE]
     make sweep-report / make changes-report        # the same, with the paths above
 
-`experiments` reads `dvc exp show --json` (HEAD, or `--rev`, and its experiments; `--input` reads a
-saved copy), groups the finished experiments into configurations (every param except `train.seed`)
-and prints a markdown table of mean ± sample std over seeds, best first. The champion is the
-configuration with the best mean on a *validation* metric, among the experiments only: the baseline
-commit is not part of the grid (it may have other params and is one run, not a mean over seeds), so
-it is shown apart, in its own table and as a dashed line in the plot. Test metrics are shown, never
-used to choose, or the test split would leak into model selection.
-
-`changes` writes markdown for a pull request: `dvc params diff`, `dvc metrics diff` and a link to the
-`dvc plots diff` page, comparing the workspace (or `--rev`) against `--base`.
-
-A metric KEY is `split.metric` in metrics/eval.json (`valid.roc_auc`) or `FILE:KEY` for another
-file (`metrics/train.json:best_val_loss`). Metrics stored as {value, ci_low, ci_high} (commits
-before metrics/eval.json held only the headline) read `value`.
+What the reports hold, and why the champion is the best mean on a *validation* metric among the
+experiments only (the baseline commit is shown apart, test metrics never choose): README, "Sweeps
+averaged over seeds" and "Change reports for pull requests". A metric KEY is `split.metric` in
+metrics/eval.json (`valid.roc_auc`) or `FILE:KEY` for another file
+(`metrics/train.json:best_val_loss`); {value, ci_low, ci_high} (older commits' metrics/eval.json)
+reads `value`.
 """
 
 from __future__ import annotations
@@ -35,13 +27,20 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
 from pcam.errors import PcamError, exit_on_user_error
 from pcam.fileio import write_text
-from pcam.lockcheck import dvc_executable
+from pcam.lockcheck import (
+    DvcFailed,
+    dvc_out,
+    find_contradictions,
+    locked_paths,
+    overlaps,
+    pipeline_order,
+)
 
 DEFAULT_METRICS_FILE = "metrics/eval.json"
 MAIN_METRICS = (
@@ -56,9 +55,9 @@ DEFAULT_SELECT = "valid.roc_auc"
 SEED_PARAM = "train.seed"
 PARAMS_FILE = "params.yaml"
 
-
-# ---------------------------------------------------------------------------------------------
-# dvc exp show --json -> runs
+# --- dvc exp show --json -> runs
+# Not `dvc.api.exp_show`: its flat table names a metric's file only when two files share the key,
+# so `FILE:KEY` could not be resolved, and `--input` reads saved `dvc exp show --json` output.
 
 
 @dataclass(frozen=True)
@@ -74,29 +73,32 @@ class Run:
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict) and node:
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
+        return {
+            k: v
+            for key, value in node.items()
+            for k, v in _flatten(value, f"{prefix}{key}.").items()
+        }
     # Lists (benchmark.batch_sizes) become tuples so configurations can be dict keys.
     return {prefix[:-1]: tuple(node) if isinstance(node, list) else node}
 
 
+def _params_key(path: str) -> str:
+    return "" if path == PARAMS_FILE else f"{path}:"
+
+
 def _run_from_rev(entry: dict, name: str, baseline: bool) -> Run | None:
-    data = entry.get("data")
-    if entry.get("error") or not data or not data.get("metrics"):
-        return None
-    params: dict[str, Any] = {}
-    for path, content in (data.get("params") or {}).items():
-        prefix = "" if path == PARAMS_FILE else f"{path}:"
-        for key, value in _flatten((content or {}).get("data") or {}).items():
-            params[prefix + key] = value
+    data = entry.get("data") or {}
+    params = {
+        _params_key(path) + key: value
+        for path, content in (data.get("params") or {}).items()
+        for key, value in _flatten((content or {}).get("data") or {}).items()
+    }
     metrics = {
         path: content["data"]
-        for path, content in data["metrics"].items()
+        for path, content in (data.get("metrics") or {}).items()
         if content and "data" in content and "error" not in content
     }
-    if not metrics:
+    if entry.get("error") or not metrics:
         return None
     return Run(name, entry.get("rev", ""), params, metrics, baseline)
 
@@ -110,28 +112,27 @@ def runs_from_exp_show(doc: list[dict]) -> tuple[list[Run], list[str]]:
     """
     runs: list[Run] = []
     notes: list[str] = []
-    for commit in doc:
-        if commit.get("rev") == "workspace":
-            continue
+    for commit in (c for c in doc if c.get("rev") != "workspace"):
         label = commit.get("name") or commit.get("rev", "")[:7]
-        run = _run_from_rev(commit, label, baseline=True)
-        if run is None:
-            notes.append(f"baseline {label}: no metrics (not reproduced, or unreadable)")
-        else:
+        if run := _run_from_rev(commit, label, baseline=True):
             runs.append(run)
+        else:
+            notes.append(f"baseline {label}: no metrics (not reproduced, or unreadable)")
         for exp in commit.get("experiments") or []:
-            revs = exp.get("revs") or []
-            name = exp.get("name") or (revs[0].get("rev", "")[:7] if revs else "?")
+            revs = exp.get("revs") or [{}]
+            name = exp.get("name") or revs[0].get("rev", "?")[:7]
             state = (exp.get("executor") or {}).get("state")
             if state in ("queued", "running", "failed"):
                 notes.append(f"experiment {name}: {state}")
-                continue
-            run = _run_from_rev(revs[0], name, baseline=False) if revs else None
-            if run is None:
-                notes.append(f"experiment {name}: no metrics (failed or unreadable)")
-            else:
+            elif run := _run_from_rev(revs[0], name, baseline=False):
                 runs.append(run)
+            else:
+                notes.append(f"experiment {name}: no metrics (failed or unreadable)")
     return runs, notes
+
+
+def _params_json(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
 
 
 def dedupe(runs: list[Run]) -> tuple[list[Run], list[str]]:
@@ -143,22 +144,9 @@ def dedupe(runs: list[Run]) -> tuple[list[Run], list[str]]:
     kept: dict[str, Run] = {}
     notes = []
     for run in runs:
-        key = json.dumps(run.params, sort_keys=True, default=str)
-        if key in kept:
-            notes.append(f"{run.name}: same params as {kept[key].name}, counted once")
-        else:
-            kept[key] = run
+        if (first := kept.setdefault(_params_json(run.params), run)) is not run:
+            notes.append(f"{run.name}: same params as {first.name}, counted once")
     return list(kept.values()), notes
-
-
-def _params_differ(stage: dict, params: dict[str, Any]) -> bool:
-    for path, recorded in (stage.get("params") or {}).items():
-        prefix = "" if path == PARAMS_FILE else f"{path}:"
-        for key, value in (recorded or {}).items():
-            value = tuple(value) if isinstance(value, list) else value
-            if prefix + key in params and params[prefix + key] != value:
-                return True
-    return False
 
 
 def stale_outputs(lock: dict, params: dict[str, Any]) -> set[str]:
@@ -166,33 +154,24 @@ def stale_outputs(lock: dict, params: dict[str, Any]) -> set[str]:
 
     An experiment run with a target (`dvc exp run -S train.lr=.. train`) keeps its parent's
     dvc.lock entries, and metrics files, for the stages it did not run: those metrics belong to
-    another model. A stage is stale when the params it recorded differ from the run's, when a
-    dependency's recorded hash differs from the producing stage's output, or when it reads the
-    outputs of a stale stage.
+    another model. A stage is stale when the params it recorded differ from the run's, when
+    dvc.lock contradicts itself about one of its dependencies (pcam.lockcheck), or when it reads
+    the outputs of a stale stage.
     """
     stages = lock.get("stages") or {}
-    producer: dict[str, tuple[str, str | None]] = {}
+    stale = {c.consumer for c in find_contradictions(lock)}
     for name, stage in stages.items():
-        for out in stage.get("outs") or []:
-            producer[out["path"]] = (name, out.get("md5"))
-    stale = {name for name, stage in stages.items() if _params_differ(stage, params)}
-    changed = True
-    while changed:
-        changed = False
-        for name, stage in stages.items():
-            if name in stale:
-                continue
-            for dep in stage.get("deps") or []:
-                path = dep["path"]
-                for out_path, (source, md5) in producer.items():
-                    inside = path == out_path or path.startswith(out_path + "/")
-                    if inside and (source in stale or (path == out_path and dep.get("md5") != md5)):
-                        stale.add(name)
-                        changed = True
-                        break
-                if name in stale:
-                    break
-    return {out["path"] for name in stale for out in stages[name].get("outs") or []}
+        for path, recorded in (stage.get("params") or {}).items():
+            for key, value in (recorded or {}).items():
+                value = tuple(value) if isinstance(value, list) else value
+                if params.get(_params_key(path) + key, value) != value:
+                    stale.add(name)
+    stale_outs = set()
+    for name in pipeline_order(lock):  # producers first, so staleness flows down in one pass
+        deps = locked_paths(stages[name], "deps")
+        if name in stale or any(overlaps(d, o) for d in deps for o in stale_outs):
+            stale_outs |= locked_paths(stages[name], "outs")
+    return stale_outs
 
 
 def drop_stale_metrics(runs: list[Run], read_lock) -> tuple[list[Run], list[str]]:
@@ -215,16 +194,13 @@ def drop_stale_metrics(runs: list[Run], read_lock) -> tuple[list[Run], list[str]
     return kept, notes
 
 
-# ---------------------------------------------------------------------------------------------
-# metrics and aggregation
+# --- metrics and aggregation
 
 
 def split_metric(spec: str) -> tuple[str, str]:
     """`valid.roc_auc` -> (metrics/eval.json, valid.roc_auc); `FILE:KEY` -> (FILE, KEY)."""
-    if ":" in spec:
-        path, key = spec.rsplit(":", 1)
-        return path, key
-    return DEFAULT_METRICS_FILE, spec
+    path, _, key = spec.rpartition(":")
+    return path or DEFAULT_METRICS_FILE, key
 
 
 def _lookup(node: Any, dotted: str) -> Any:
@@ -236,10 +212,8 @@ def _lookup(node: Any, dotted: str) -> Any:
     parts = dotted.split(".")
     for i in range(len(parts), 0, -1):
         key = ".".join(parts[:i])
-        if key in node:
-            found = _lookup(node[key], ".".join(parts[i:]))
-            if found is not None:
-                return found
+        if key in node and (found := _lookup(node[key], ".".join(parts[i:]))) is not None:
+            return found
     return None
 
 
@@ -253,8 +227,7 @@ def metric_value(run: Run, spec: str) -> float | None:
     return float(value)
 
 
-@dataclass(frozen=True)
-class Stat:
+class Stat(NamedTuple):
     mean: float
     std: float  # sample std (n - 1); nan for a single run
     n: int
@@ -288,13 +261,15 @@ class Config:
 
 def group_configs(runs: list[Run], seed_param: str = SEED_PARAM) -> list[Config]:
     groups: dict[str, list[Run]] = {}
-    params_of: dict[str, dict[str, Any]] = {}
     for run in runs:
-        params = {k: v for k, v in run.params.items() if k != seed_param}
-        key = json.dumps(params, sort_keys=True, default=str)
-        groups.setdefault(key, []).append(run)
-        params_of[key] = params
-    return [Config(params_of[k], tuple(rs), seed_param) for k, rs in groups.items()]
+        groups.setdefault(_params_json(_without(run.params, seed_param)), []).append(run)
+    return [
+        Config(_without(rs[0].params, seed_param), tuple(rs), seed_param) for rs in groups.values()
+    ]
+
+
+def _without(params: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k != key}
 
 
 def varying_params(configs: list[Config]) -> list[str]:
@@ -304,8 +279,7 @@ def varying_params(configs: list[Config]) -> list[str]:
 
 
 def check_select(spec: str) -> None:
-    _, key = split_metric(spec)
-    if any(part.startswith("test") for part in key.split(".")):
+    if any(part.startswith("test") for part in split_metric(spec)[1].split(".")):
         raise PcamError(
             f"--select {spec}: the champion must be chosen on a validation metric "
             "(e.g. valid.roc_auc); choosing on test leaks the test split into model selection"
@@ -332,16 +306,13 @@ def champion(configs: list[Config], select: str, lower_is_better: bool = False) 
     return best
 
 
-# ---------------------------------------------------------------------------------------------
-# output
+# --- output
 
 
 def _fmt_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
     if isinstance(value, tuple):
-        return "[" + ", ".join(_fmt_value(v) for v in value) + "]"
-    return str(value)
+        return "[" + ", ".join(map(_fmt_value, value)) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _fmt_stat(stat: Stat | None, n_runs: int | None = None) -> str:
@@ -353,15 +324,13 @@ def _fmt_stat(stat: Stat | None, n_runs: int | None = None) -> str:
     return f"{stat.mean:.4f} ± {spread}{fewer}"
 
 
-def _fmt_run_value(run: Run, spec: str) -> str:
-    value = metric_value(run, spec)
-    return "–" if value is None else f"{value:.4f}"
-
-
 def config_label(config: Config, varying: list[str]) -> str:
-    if not varying:
-        return "(all runs)"
-    return ", ".join(f"{k}={_fmt_value(config.params.get(k))}" for k in varying)
+    return ", ".join(f"{k}={_fmt_value(config.params.get(k))}" for k in varying) or "(all runs)"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    row_lines = ["| " + " | ".join(cells) + " |" for cells in [head, *rows]]
+    return [row_lines[0], "|" + "---|" * len(head), *row_lines[1:]]
 
 
 def experiments_markdown(
@@ -375,45 +344,40 @@ def experiments_markdown(
     """The grid's table (best first, champion marked), then the baseline commits apart."""
     best = champion(configs, select, lower_is_better)
     varying = varying_params(configs)
-    n_runs = sum(len(c.runs) for c in configs)
-    ordered = ranked(configs, select, lower_is_better)  # best first, as champion() picks
-    head = [*(varying or ["configuration"]), configs[0].seed_param + " values", "n", *metrics]
-    lines = [
-        f"## Experiments: {len(configs)} configuration(s), {n_runs} run(s), "
-        f"mean ± sample std over {configs[0].seed_param}",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-    ]
-    for c in ordered:
+    seed_param = configs[0].seed_param
+    rows = []
+    for c in ranked(configs, select, lower_is_better):  # best first, as champion() picks
         cells = [_fmt_value(c.params.get(k)) for k in varying] or ["(all runs)"]
         if c is best:
             cells[0] = f"**{cells[0]}** (champion)"
-        cells += [", ".join(_fmt_value(s) for s in c.seeds), str(len(c.runs))]
-        cells += [_fmt_stat(c.stat(m), len(c.runs)) for m in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells += [", ".join(map(_fmt_value, c.seeds)), str(len(c.runs))]
+        rows.append(cells + [_fmt_stat(c.stat(m), len(c.runs)) for m in metrics])
+    head = [*(varying or ["configuration"]), f"{seed_param} values", "n", *metrics]
     stat = best.stat(select)
     assert stat is not None  # champion() only picks configurations that have it
-    lines += [
+    lines = [
+        f"## Experiments: {len(configs)} configuration(s), {sum(len(c.runs) for c in configs)} "
+        f"run(s), mean ± sample std over {seed_param}",
+        "",
+        *_table(head, rows),
         "",
         f"Champion by {'lowest' if lower_is_better else 'highest'} mean {select} over seeds: "
         f"**{config_label(best, varying)}** ({_fmt_stat(stat)}, n={stat.n}; runs: "
         f"{', '.join(r.name for r in best.runs)}). Test columns are reported, not used to choose.",
     ]
     if baselines:
-        shown = [*varying, configs[0].seed_param]
-        head = ["baseline commit", *shown, *metrics]
+        shown = [*varying, seed_param]
         lines += [
             "",
             "### Baseline, not part of the grid (one run each; not a champion candidate)",
             "",
-            "| " + " | ".join(head) + " |",
-            "|" + "---|" * len(head),
         ]
-        for run in baselines:
-            cells = [run.name, *(_fmt_value(run.params.get(k)) for k in shown)]
-            cells += [_fmt_run_value(run, m) for m in metrics]
-            lines.append("| " + " | ".join(cells) + " |")
+        rows = [
+            [r.name, *(_fmt_value(r.params.get(k)) for k in shown)]
+            + [f"{v:.4f}" if (v := metric_value(r, m)) is not None else "–" for m in metrics]
+            for r in baselines
+        ]
+        lines += _table(["baseline commit", *shown, *metrics], rows)
     if len({tuple(map(str, c.seeds)) for c in configs}) > 1:
         lines.append(
             "Warning: configurations were run with different seeds; their means are not "
@@ -449,13 +413,11 @@ def plot_experiments(
         for i, c in enumerate(configs):
             values = c.values(metric)
             ax.plot([i] * len(values), values, "o", color="0.6", ms=4, zorder=1)
-            stat = summarize(values)
-            if stat is not None:
+            if stat := summarize(values):
                 err = 0.0 if math.isnan(stat.std) else stat.std
                 ax.errorbar(i, stat.mean, yerr=err, fmt="s", color="C0", capsize=4, zorder=2)
         for k, run in enumerate(baselines or []):
-            value = metric_value(run, metric)
-            if value is not None:
+            if (value := metric_value(run, metric)) is not None:
                 ax.axhline(value, color=f"C{k + 1}", ls="--", lw=1, label=f"baseline {run.name}")
         if baselines and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
@@ -470,46 +432,31 @@ def plot_experiments(
     save_figure(fig, path)
 
 
-# ---------------------------------------------------------------------------------------------
-# running dvc and git
-
-
-def _run(cmd: list[str], repo: Path) -> str:
-    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"]
-        # dvc ends every failure with a "Having any troubles?" banner; the ERROR line says why.
-        lines = [line for line in lines if line.startswith("ERROR")] or lines
-        shown = " ".join([Path(cmd[0]).name, *cmd[1:3]])
-        raise PcamError(f"`{shown}` in {repo} exited {proc.returncode}: {lines[-1]}")
-    return proc.stdout
+# --- running dvc and git
 
 
 def dvc(args: list[str], repo: Path) -> str:
-    found = dvc_executable()
-    if found is None:
-        raise PcamError("dvc not found next to the Python interpreter or on PATH")
-    return _run([found, *args], repo)
+    try:
+        return dvc_out(args, repo)
+    except DvcFailed as err:
+        raise PcamError(f"in {repo}: {err}") from None
 
 
-def exp_show(repo: Path, rev: str | None = None) -> list[dict]:
-    return json.loads(dvc(["exp", "show", "--json", *(["--rev", rev] if rev else [])], repo))
+def git(args: list[str], repo: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=False)
 
 
 def lock_reader(repo: Path):
     """rev -> parsed dvc.lock of that commit (experiments are commits too), or None."""
 
     def read(rev: str) -> dict | None:
-        proc = subprocess.run(
-            ["git", "show", f"{rev}:dvc.lock"], cwd=repo, capture_output=True, text=True
-        )
+        proc = git(["show", f"{rev}:dvc.lock"], repo)
         return yaml.safe_load(proc.stdout) if proc.returncode == 0 else None
 
     return read
 
 
-# ---------------------------------------------------------------------------------------------
-# changes
+# --- changes
 
 
 def changes_markdown(
@@ -521,33 +468,28 @@ def changes_markdown(
     html_template: Path | None = None,
 ) -> str:
     """Markdown comparing `rev` (default: the workspace) with `base`; writes the plots page."""
-    shas = {}
-    for name, value in (("--base", base), ("--rev", rev)):
-        if value is not None:
-            check = ["git", "rev-parse", "--verify", "--quiet", "--short", f"{value}^{{commit}}"]
-            proc = subprocess.run(check, cwd=repo, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise PcamError(f"{name} {value}: not a commit, branch or tag in {repo.resolve()}")
-            shas[name] = proc.stdout.strip()
-    base_sha = shas["--base"]
     revs = [base, *([rev] if rev else [])]
-    target = f"`{rev}`" if rev else "the workspace"
+    shas = []
+    for name, value in zip(("--base", "--rev"), revs, strict=False):
+        proc = git(["rev-parse", "--verify", "--quiet", "--short", f"{value}^{{commit}}"], repo)
+        if proc.returncode != 0:
+            raise PcamError(f"{name} {value}: not a commit, branch or tag in {repo.resolve()}")
+        shas.append(proc.stdout.strip())
     params_md = dvc(["params", "diff", *revs, "--md"], repo).strip()
     metrics_md = dvc(["metrics", "diff", *revs, "--md"], repo).strip()
     plots_dir = plots_dir.resolve()
     plots_dir.parent.mkdir(parents=True, exist_ok=True)  # dvc creates only the last level
-    plot_args = ["plots", "diff", *revs, "-o", str(plots_dir)]
-    if html_template is not None:
-        plot_args += ["--html-template", str(html_template.resolve())]
-    dvc(plot_args, repo)
+    template = ["--html-template", str(html_template.resolve())] if html_template else []
+    dvc(["plots", "diff", *revs, "-o", str(plots_dir), *template], repo)
     index = plots_dir / "index.html"
     if not index.is_file():
         raise PcamError(f"`dvc plots diff` wrote no {index}")
     # Relative to where the markdown lands, so the link works next to the file (or a CI artifact).
     link = os.path.relpath(index, (out.resolve().parent if out else Path.cwd()))
     command = f"python -m pcam.report changes --base {base}" + (f" --rev {rev}" if rev else "")
+    target = f"`{rev}`" if rev else "the workspace"
     lines = [
-        f"## Changes: {target} against `{base}` ({base_sha})",
+        f"## Changes: {target} against `{base}` ({shas[0]})",
         "",
         f"Generated by `{command}`.",
         "",
@@ -566,8 +508,7 @@ def changes_markdown(
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
+# --- CLI
 
 
 def cmd_experiments(args: argparse.Namespace) -> None:
@@ -579,7 +520,10 @@ def cmd_experiments(args: argparse.Namespace) -> None:
         # A saved output may come from another clone: its commits need not be here to check.
         runs, notes = runs_from_exp_show(json.loads(args.input.read_text()))
     else:
-        runs, notes = runs_from_exp_show(exp_show(args.repo, args.rev))
+        rev = ["--rev", args.rev] if args.rev else []
+        runs, notes = runs_from_exp_show(
+            json.loads(dvc(["exp", "show", "--json", *rev], args.repo))
+        )
         runs, stale = drop_stale_metrics(runs, lock_reader(args.repo))
         notes += stale
     empty = [r for r in runs if all(metric_value(r, m) is None for m in metrics)]

@@ -2,45 +2,37 @@
 
     python -m pcam.reprocheck [--repo DIR]      # or: make repro-check (CI runs it after make test)
 
-It runs `dvc repro --force` (every stage, none restored from the run-cache), then compares each
-recorded dependency hash, param value and output hash of the new dvc.lock with the saved one. In
-CI, on a clean clone, that is the committed dvc.lock: the check proves that the committed numbers
-come out of the committed code, params and data on this machine. Benchmark timings (TIMING_OUTPUTS)
-are the only entries allowed to differ.
-
-Exit 0: `repro-check: all N hashes reproduced`. Exit 1: one line naming the first stage (pipeline
-order) and file that differ, both hashes, and how many differ in all. Exit 2: `dvc repro` failed.
-
-The saved dvc.lock and every output that git tracks (metrics, plots, dvclive) are put back
-afterwards, so `git status` is what it was; the new dvc.lock is kept in NEW_LOCK (git-ignored) for
-a closer look: `diff dvc.lock .dvc/tmp/repro-check/dvc.lock`. Cached outputs (data, model, predictions) stay as
-re-derived: on a mismatch, `dvc checkout` brings back the saved lock's versions if they are in the
-cache.
+`dvc repro --force` (nothing from the run-cache), then every dependency hash, param value and
+output hash of the new dvc.lock against the saved one; only TIMING_OUTPUTS may differ (README: "CI
+and pre-commit"). Exit 0: all reproduced. Exit 1: one line naming the first stage (pipeline
+order) and file that differ, both hashes, and how many differ. Exit 2: `dvc repro` failed. The
+saved dvc.lock and the git-tracked outputs are put back (`git status` is what it was); the new lock
+is kept in NEW_LOCK. Cached outputs stay as re-derived: `dvc checkout` brings back the saved ones.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
 from pcam.lockcheck import (
     DirListing,
-    dvc_executable,
+    DvcFailed,
     first_difference,
     local_dir_listings,
+    locked_paths,
     no_listings,
     norm_path,
     pipeline_order,
     recorded_hash,
+    run_dvc,
 )
 
 # Benchmark timings differ between any two runs: the only outputs exempt from the comparison.
@@ -62,24 +54,20 @@ def is_timing_output(path: str) -> bool:
 def lock_values(lock: dict[str, Any]) -> dict[tuple[str, str, str], Any]:
     """(stage, section, path or params key) -> md5 or param value, for every entry of dvc.lock
     except the timing outputs, in pipeline order."""
-    stages = lock.get("stages") or {}
     values: dict[tuple[str, str, str], Any] = {}
     for stage in pipeline_order(lock):
-        entry = stages[stage]
-        for item in entry.get("deps") or []:
-            if not is_timing_output(item["path"]):
-                values[(stage, "deps", norm_path(item["path"]))] = recorded_hash(item)
+        entry = lock["stages"][stage]
+        for section in ("deps", "outs"):
+            for item in entry.get(section) or []:
+                if not is_timing_output(item["path"]):
+                    values[(stage, section, norm_path(item["path"]))] = recorded_hash(item)
         for params_file, params in (entry.get("params") or {}).items():
             for key, value in params.items():
                 values[(stage, "params", f"{params_file}:{key}")] = value
-        for item in entry.get("outs") or []:
-            if not is_timing_output(item["path"]):
-                values[(stage, "outs", norm_path(item["path"]))] = recorded_hash(item)
     return values
 
 
-@dataclass(frozen=True)
-class Mismatch:
+class Mismatch(NamedTuple):
     stage: str
     section: str
     path: str  # a file, or `params.yaml:train.lr`
@@ -87,8 +75,7 @@ class Mismatch:
     new: Any
 
 
-@dataclass(frozen=True)
-class Comparison:
+class Comparison(NamedTuple):
     matched: int
     mismatches: list[Mismatch]
 
@@ -104,11 +91,8 @@ def compare(committed: dict[str, Any], new: dict[str, Any]) -> Comparison:
         old_values.keys() | new_values.keys(),
         key=lambda k: (order[k[0]], SECTIONS.index(k[1]), k[2]),
     )
-    mismatches = [
-        Mismatch(*key, old_values.get(key, "absent"), new_values.get(key, "absent"))
-        for key in keys
-        if old_values.get(key, "absent") != new_values.get(key, "absent")
-    ]
+    pairs = [(key, old_values.get(key, "absent"), new_values.get(key, "absent")) for key in keys]
+    mismatches = [Mismatch(*key, old, new) for key, old, new in pairs if old != new]
     return Comparison(matched=len(keys) - len(mismatches), mismatches=mismatches)
 
 
@@ -137,46 +121,26 @@ def describe(comparison: Comparison, listing: DirListing = no_listings) -> str:
 def _git_tracked_outputs(repo: Path, lock: dict[str, Any]) -> list[str]:
     """Outputs in dvc.lock that git keeps (cache: false): DVC git-ignores the cached ones."""
     paths = sorted(
-        {
-            norm_path(o["path"])
-            for e in (lock.get("stages") or {}).values()
-            for o in e.get("outs") or []
-        }
+        {p for e in (lock.get("stages") or {}).values() for p in locked_paths(e, "outs")}
     )
-    if not paths:
-        return []
-    ignored = subprocess.run(
-        ["git", "check-ignore", "--no-index", "--", *paths],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.split()
-    return [p for p in paths if p not in set(ignored)]
+    check = ["git", "check-ignore", "--no-index", "--", *paths]
+    ignored = subprocess.run(check, cwd=repo, capture_output=True, text=True, check=False)
+    return [p for p in paths if p not in set(ignored.stdout.split())]
 
 
-def _snapshot(repo: Path, paths: list[str], into: Path) -> None:
+def _copy_over(paths: list[str], src_root: Path, dst_root: Path) -> None:
+    """Make each path under `dst_root` what it is under `src_root` (absent there: removed)."""
     for rel in paths:
-        src, dst = repo / rel, into / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        src, dst = src_root / rel, dst_root / rel
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        elif dst.exists() or dst.is_symlink():
+            dst.unlink()
         if src.is_dir():
             shutil.copytree(src, dst, symlinks=True)
         elif src.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
-
-
-def _restore(repo: Path, paths: list[str], saved: Path) -> None:
-    for rel in paths:
-        target, copy = repo / rel, saved / rel
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
-        if copy.is_dir():
-            shutil.copytree(copy, target, symlinks=True)
-        elif copy.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(copy, target)
 
 
 def reproduce(repo: Path) -> tuple[dict[str, Any], dict[str, Any]] | int:
@@ -185,21 +149,18 @@ def reproduce(repo: Path) -> tuple[dict[str, Any], dict[str, Any]] | int:
     lock_path = repo / "dvc.lock"
     committed = yaml.safe_load(lock_path.read_text()) or {}
     keep = ["dvc.lock", *_git_tracked_outputs(repo, committed)]
-    dvc = dvc_executable() or "dvc"
     with tempfile.TemporaryDirectory(prefix="repro-check-") as saved:
-        _snapshot(repo, keep, Path(saved))
+        _copy_over(keep, repo, Path(saved))
         try:
-            env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-            proc = subprocess.run([dvc, "repro", "--force"], cwd=repo, env=env, check=False)
+            proc = run_dvc(["repro", "--force"], repo, capture=False)
             if proc.returncode != 0:
                 return proc.returncode
             new_text = lock_path.read_text()
-            new = yaml.safe_load(new_text) or {}
             (repo / NEW_LOCK).parent.mkdir(parents=True, exist_ok=True)
             (repo / NEW_LOCK).write_text(new_text)
         finally:
-            _restore(repo, keep, Path(saved))
-    return committed, new
+            _copy_over(keep, Path(saved), repo)
+    return committed, yaml.safe_load(new_text) or {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,18 +169,19 @@ def main(argv: list[str] | None = None) -> int:
         description="Run `dvc repro --force` and compare the new dvc.lock with the saved one.",
     )
     parser.add_argument("--repo", type=Path, default=Path("."), help="DVC repo root (default: cwd)")
-    args = parser.parse_args(argv)
-    repo = args.repo
+    repo = parser.parse_args(argv).repo
     if not (repo / "dvc.lock").is_file():
         print(f"repro-check: no dvc.lock in {repo}: nothing to compare with", file=sys.stderr)
         return 2
-
-    result = reproduce(repo)
+    try:
+        result = reproduce(repo)
+    except DvcFailed as err:
+        print(f"repro-check: {err}", file=sys.stderr)
+        return 2
     if isinstance(result, int):
         print(f"repro-check: `dvc repro --force` exited {result} (see above)", file=sys.stderr)
         return 2
-    committed, new = result
-    comparison = compare(committed, new)
+    comparison = compare(*result)
     print(describe(comparison, local_dir_listings(repo)))
     return 1 if comparison.mismatches else 0
 

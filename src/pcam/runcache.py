@@ -2,14 +2,11 @@
 
     python -m pcam.runcache push [-r REMOTE]      # instead of `dvc push --run-cache`
 
-The run-cache records each run of a stage (its deps and params -> its outputs' hashes), so a run
-with inputs seen before is restored, not redone. `dvc push --run-cache` (DVC 3.67) uploads the
-records but, of the files they name, only the outputs of the workspace's dvc.lock, and never a
-`cache: false` output (the metrics and plots DVC keeps in its cache for the run-cache). A clone
-that pulls the records then still runs the stage: DVC restores a stage only when it can get
-every output. This pushes the records and every file they name. The teammate's side is DVC's own:
-`dvc pull --run-cache`, then `dvc exp run --pull ...` or `dvc repro --pull`, which fetch a
-restored stage's files from the remote (tests/test_remote_gcs.py).
+`dvc push --run-cache` (DVC 3.67) uploads the run records but, of the files they name, only the
+outputs of the workspace's dvc.lock and never a `cache: false` output; DVC restores a stage only
+when it can get every output, so a clone that pulls the records still runs it. This pushes the
+records and every file they name; the teammate's side is DVC's own (`dvc pull --run-cache`, then
+`dvc exp run --pull` or `dvc repro --pull`; README: "Remote storage (GCS)", tests/test_remote_gcs.py).
 """
 
 from __future__ import annotations
@@ -24,13 +21,12 @@ def push(remote: str | None = None) -> tuple[int, int, int]:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
+    uploaded, present = 0, 0
     try:
         with Repo() as repo, repo.lock:
             records = repo.stage_cache.push(remote)  # what `dvc push --run-cache` sends
             # Each record as a stage with every output cached: its model, metrics and plots.
-            named = repo.stage_cache.get_used_objs(records)
-            uploaded, present = 0, 0
-            for objs in named.values():
+            for objs in repo.stage_cache.get_used_objs(records).values():
                 result = repo.cloud.push(objs, remote=remote)
                 if result.failed:
                     raise PcamError(
@@ -50,8 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="command", required=True)
     push_ap = sub.add_parser("push", help="push the run-cache and the files its records name")
     push_ap.add_argument("-r", "--remote", help="a DVC remote (default: the default remote)")
-    args = ap.parse_args(argv)
-    records, uploaded, present = push(args.remote)
+    records, uploaded, present = push(ap.parse_args(argv).remote)
     print(
         f"runcache: {records} run records pushed; the files they name: {uploaded} uploaded, "
         f"{present} already in the remote"
