@@ -49,7 +49,7 @@ def main() -> None:
         slides = slide_ids_for(split, getattr(s, f"slides_{split}"))
         data = generate_split(sizes[split], slides, s.seed + i, s.hard_negative_fraction)
         truth[split] = inject(split, data, s.defects, s.seed, donors.get(split))
-        h5io.write_split(RAW_DIR, split, *data)
+        h5io.write_split(RAW_DIR, split, data.x, data.y, data.meta)
         if split == "train":  # taken now, so that train need not stay in memory
             counts = {
                 k: defect_count(s.defects.cross_split_rate, sizes[k]) for k in ("valid", "test")

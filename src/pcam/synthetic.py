@@ -1,22 +1,15 @@
 """Synthetic PCAM-like H&E patches with known defects: the pipeline's embedded default dataset.
 
-What matters about PatchCamelyon is imitated:
-- Beer-Lambert colour, RGB = glass * exp(-strength * (H * h_od + E * e_od)), with each slide's own
-  stain vectors, strength and glass, so slide stain (some clearly darker) dominates mean colour.
-- Pink textured stroma, small dark nuclei, white glass (fat holes, tissue edges); tumour: nests of
-  larger, lumpy, crowded nuclei with a dark rim and a nucleolus. Label 1 iff a tumour nucleus
-  touches the centre 32x32 px; hard negatives carry tumour only in the outer ring.
-- Mean colour does not give the label away: each patch draws a label-independent haematoxylin
-  total, which normal nuclei fill up after tumour; glass and eosin are label-independent too.
-Nuclei are stamped from precomputed sprite banks on a jittered lattice (one per cell), vectorised
-over chunks of patches.
+Colour follows Beer-Lambert, RGB = glass * exp(-strength * (H * h_od + E * e_od)), with each
+slide's own stain vectors, strength and glass, so that stain variation between slides dominates
+a patch's mean colour, as in real PCAM. Pink textured stroma, small dark nuclei and white glass;
+tumour is nests of larger, lumpy, crowded nuclei. Label 1 iff a tumour nucleus touches the centre
+32x32 px; hard negatives carry tumour only in the outer ring. Mean colour does not give the label
+away (each patch draws its haematoxylin total independently of it), so a CNN has to look at
+nucleus size and shape. Nuclei are stamped from precomputed sprite banks on a jittered lattice.
 
-Known defects (`inject`) imitate what real PCAM and poisoned copies of it hold, with their indices
-as ground truth for measuring validate-data. Every defect lands on its own patches and the patches
-copied from stay clean, so each expected finding is unambiguous: duplicate (a later patch copies an
-earlier one of the split), cross_split_duplicate (a valid/test patch copies a clean train patch),
-blank glass and black patches (label 0), trigger (a checkerboard; in train on positives only, a
-clean-label backdoor; in valid/test on any).
+`inject` adds the defects of real PCAM and of poisoned copies of it, each on its own patches, and
+returns their indices: the ground truth that validate-data is measured against.
 """
 
 from __future__ import annotations
@@ -46,8 +39,7 @@ _TUMOUR_CELL_PX = 12
 _TUMOUR_GRID = PATCH_PX // _TUMOUR_CELL_PX
 _TUMOUR_SHIFTS_PX = (0, _TUMOUR_CELL_PX // 2)  # two tumour lattices, the second half a cell off
 _CENTRE_CELLS = (3, 4)  # inside the centre square (px 36..59): a nucleus there makes a positive
-# Fixed: the RNG stream depends on it. Bounds the float32 temporaries (~100 MiB).
-_CHUNK_PATCHES = 256
+_CHUNK_PATCHES = 256  # bounds the float32 temporaries (~100 MiB); the RNG stream depends on it
 _SPRITE_BANK_SEED = 20240611  # nucleus shapes belong to the generator, not to the data seed
 # Mixed into seeds so that no two streams coincide (e.g. a one-slide split's patches and slide).
 _PATCH_STREAM, _SLIDE_STREAM, _DEFECT_STREAM = 0, 1, 2
@@ -58,11 +50,10 @@ class SyntheticSplit(NamedTuple):
     x: np.ndarray  # (n, 96, 96, 3) uint8 RGB
     y: np.ndarray  # (n,) uint8 in {0, 1}
     meta: Meta
+    tumour_mask: np.ndarray | None = None  # (n, 96, 96) bool: tumour pixels, if asked for
 
 
 class _SpriteBank(NamedTuple):
-    """Nuclei pre-rendered at every integer offset in their cell; the last shape is blank."""
-
     density_u8: np.ndarray  # (shapes+1, cell*cell, 2*cell, 2*cell) haematoxylin, quantised
     mask: np.ndarray  # the nucleus's pixels (what "tumour pixels" means)
     density_per_level: np.float32  # haematoxylin of one uint8 step
@@ -70,16 +61,15 @@ class _SpriteBank(NamedTuple):
 
 
 class StainShift(NamedTuple):
-    """Another lab's staining or scanner: per-RGB gains on every slide's stain (same tissue)."""
+    """Another lab's staining or scanner: per-RGB gains on every slide's stain (same tissue).
+    Equal gains change how much stain, unequal ones its hue (another dye lot or recipe)."""
 
-    # Equal gains change how much stain, unequal ones its hue (another dye lot or recipe).
     haematoxylin_od_gain: tuple[float, float, float] = (1.0, 1.0, 1.0)
     eosin_od_gain: tuple[float, float, float] = (1.0, 1.0, 1.0)
     glass_rgb_gain: tuple[float, float, float] = (1.0, 1.0, 1.0)  # scanner white balance
 
 
-# For drift demonstrations: more and bluer haematoxylin, paler and more orange eosin, a yellowish
-# scanner.
+# More and bluer haematoxylin, paler and more orange eosin, a yellowish scanner (drift demos).
 ANOTHER_LAB = StainShift((1.5, 1.4, 1.2), (0.6, 0.7, 0.9), (1.0, 0.95, 0.85))
 
 
@@ -98,24 +88,13 @@ def generate_split(
     seed: int,
     hard_negative_fraction: float,
     stain_shift: StainShift | None = None,
+    keep_tumour_mask: bool = False,
 ) -> SyntheticSplit:
     """n patches (n // 2 positives, shuffled) spread evenly over `slide_ids`.
 
     The RNG stream depends on `seed` and the slide ids, so splits generated with one seed differ;
     same arguments give byte-identical arrays. `stain_shift` changes colours, not random draws.
     """
-    return _generate(n, slide_ids, seed, hard_negative_fraction, False, stain_shift)[0]
-
-
-def _generate(
-    n: int,
-    slide_ids: Sequence[str],
-    seed: int,
-    hard_negative_fraction: float,
-    keep_tumour_mask: bool,
-    stain_shift: StainShift | None = None,
-) -> tuple[SyntheticSplit, np.ndarray | None]:
-    """generate_split, and optionally the (n, 96, 96) bool mask of tumour pixels."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if len(slide_ids) == 0:
@@ -128,9 +107,8 @@ def _generate(
         raise ValueError(f"seed must be >= 0, got {seed}")
 
     slide_ids = [str(s) for s in slide_ids]
-    rng = np.random.default_rng(
-        np.random.SeedSequence([seed, _PATCH_STREAM, *_ids_entropy(slide_ids)])
-    )
+    entropy = [seed, _PATCH_STREAM, *_ids_entropy(slide_ids)]
+    rng = np.random.default_rng(np.random.SeedSequence(entropy))
     slides = _draw_slides(seed, slide_ids, stain_shift or StainShift())
     n_pos = n // 2
     y = np.zeros(n, dtype=np.uint8)
@@ -144,21 +122,18 @@ def _generate(
     slide_idx = rng.permutation(np.arange(n) % len(slide_ids))
 
     x = np.empty((n, PATCH_PX, PATCH_PX, 3), dtype=np.uint8)
-    tumour_mask = np.zeros((n, PATCH_PX, PATCH_PX), dtype=bool) if keep_tumour_mask else None
+    mask = np.zeros((n, PATCH_PX, PATCH_PX), dtype=bool) if keep_tumour_mask else None
     for start in range(0, n, _CHUNK_PATCHES):
         rows = slice(start, min(n, start + _CHUNK_PATCHES))
-        x[rows], mask = _render_chunk(
-            rng, slides, slide_idx[rows], y[rows] == 1, hard[rows], keep_tumour_mask
-        )
-        if tumour_mask is not None:
-            tumour_mask[rows] = mask
-
+        chunk = (slide_idx[rows], y[rows] == 1, hard[rows], mask is not None)
+        x[rows], chunk_mask = _render_chunk(rng, slides, *chunk)
+        if mask is not None:
+            mask[rows] = chunk_mask
     # Patch positions on the slide grid (level-0 px): plausible and deterministic.
     coord_y = rng.integers(0, 1024, size=n).astype(np.int64) * PATCH_PX
     coord_x = rng.integers(0, 1024, size=n).astype(np.int64) * PATCH_PX
     wsi = np.asarray(slide_ids, dtype=str)[slide_idx]
-    meta = Meta(coord_y, coord_x, (y == 1) | hard, y == 1, wsi)
-    return SyntheticSplit(x, y, meta), tumour_mask
+    return SyntheticSplit(x, y, Meta(coord_y, coord_x, (y == 1) | hard, y == 1, wsi), mask)
 
 
 def _ids_entropy(slide_ids: Sequence[str]) -> list[int]:
@@ -184,9 +159,7 @@ def _draw_slides(seed: int, slide_ids: Sequence[str], shift: StainShift) -> list
         rows.append(
             (h_od / np.linalg.norm(h_od), e_od / np.linalg.norm(e_od), strength, glass, eosin)
         )
-    h_od, e_od, strength, glass, eosin = (
-        np.array(v, dtype=np.float32) for v in zip(*rows, strict=True)
-    )
+    h_od, e_od, strength, glass, eosin = (np.array(v, np.float32) for v in zip(*rows, strict=True))
     gain_h, gain_e, gain_glass = (np.asarray(g, np.float32) for g in shift)
     glass = np.clip(np.clip(glass, 0.0, 255.0) * gain_glass, 0.0, 255.0)
     return [h_od * gain_h, e_od * gain_e, strength, glass, eosin]
@@ -203,7 +176,7 @@ def _render_chunk(
     """RGB uint8 patches (and optionally their tumour-pixel masks) for one chunk."""
     n = len(slide_idx)
     f32 = np.float32
-    normal_bank, tumour_bank = _normal_bank(), _tumour_bank()
+    normal_bank, tumour_bank = _sprite_bank(tumour=False), _sprite_bank(tumour=True)
 
     # Two anchor cells per patch (one central, one in the outer ring) are kept free of glass in
     # *every* patch: tumour patches need them for their decisive nucleus, and doing it everywhere
@@ -387,14 +360,9 @@ def _tissue_alpha(rng: np.random.Generator, n: int, anchors: tuple[np.ndarray, .
     holes, edge = np.flatnonzero((kind >= 0.5) & (kind < 0.75)), np.flatnonzero(kind >= 0.75)
     glassy = np.concatenate([holes, edge])
     px = np.arange(PATCH_PX, dtype=f32) + 0.5
-    dist2 = []  # squared px distance to each anchor cell's centre
-    for cell in anchors:
-        centre_px = (cell[glassy].astype(f32) + 0.5) * _TUMOUR_CELL_PX
-        dist2.append(
-            (px[None, :, None] - centre_px[:, 0, None, None]) ** 2
-            + (px[None, None, :] - centre_px[:, 1, None, None]) ** 2
-        )
-    dist2 = np.minimum.reduce(dist2)
+    centre_px = (np.stack(anchors)[:, glassy].astype(f32) + 0.5) * _TUMOUR_CELL_PX
+    dy2 = (px[None, None, :, None] - centre_px[..., 0, None, None]) ** 2
+    dist2 = (dy2 + (px[None, None, None, :] - centre_px[..., 1, None, None]) ** 2).min(axis=0)
     keep = np.exp(dist2 / np.float32(-2.0 * 9.0**2))  # 1 at an anchor, ~0 beyond 25 px
 
     # Holes: thresholded smooth noise; the threshold sets how much of the patch is glass.
@@ -460,15 +428,13 @@ def _gauss_matrix(n_coarse: int, sigma: float) -> np.ndarray:
 
 
 def _separable(images: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """rows @ image @ cols.T for a (..., h, w) stack, as two 2-D GEMMs: a batched matmul would
+    """rows @ image @ cols.T for an (n, h, w) stack, as two 2-D GEMMs: a batched matmul would
     call BLAS once per tiny image, which is slow (and slower still on shared cores)."""
-    lead, (h, w) = images.shape[:-2], images.shape[-2:]
-    along_x = images.reshape(-1, w) @ cols.T  # (..., h, W)
-    width = cols.shape[0]
-    swapped = np.ascontiguousarray(along_x.reshape(-1, h, width).transpose(0, 2, 1))
-    along_y = swapped.reshape(-1, h) @ rows.T  # (..., W, H)
-    out = along_y.reshape(-1, width, rows.shape[0]).transpose(0, 2, 1)
-    return np.ascontiguousarray(out).reshape(*lead, rows.shape[0], width)
+    n, h, w = images.shape
+    along_x = (images.reshape(-1, w) @ cols.T).reshape(n, h, len(cols))
+    swapped = np.ascontiguousarray(along_x.transpose(0, 2, 1))
+    along_y = (swapped.reshape(-1, h) @ rows.T).reshape(n, len(cols), len(rows))
+    return np.ascontiguousarray(along_y.transpose(0, 2, 1))
 
 
 def _upsample(grid: np.ndarray) -> np.ndarray:
@@ -485,48 +451,30 @@ def _fibres(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 @cache
-def _normal_bank() -> _SpriteBank:
-    """Lymphocytes (small, round, dark), stromal spindle nuclei (thin, elongated) and histiocytes
-    (larger, paler ovals: the normal nuclei a model could mistake for tumour)."""
-    rng = np.random.default_rng(_SPRITE_BANK_SEED)
-    k = 64
-    kind = rng.random(k)
-    spindle, histiocyte = kind < 0.2, kind > 0.75
-    r = rng.uniform(2.0, 3.2, k)
-    rx = np.select([spindle, histiocyte], [rng.uniform(3.0, 3.5, k), rng.uniform(3.1, 3.6, k)], r)
-    ry = np.select(
-        [spindle, histiocyte],
-        [rng.uniform(1.0, 1.5, k), rng.uniform(2.3, 3.0, k)],
-        r * rng.uniform(0.8, 1.0, k),
-    )
-    conc = np.where(histiocyte, rng.uniform(1.0, 1.4, k), rng.uniform(1.3, 1.8, k))
-    return _build_bank(rng, _NORMAL_CELL_PX, rx, ry, conc, irregularity=0.04, vesicular=False)
+def _sprite_bank(tumour: bool) -> _SpriteBank:
+    """Nuclei rendered in a (c+1)-px square around their centre pixel, then placed at every offset
+    (oy, ox) of a 2c x 2c window, i.e. centred on its pixel (c/2 + oy, c/2 + ox).
 
-
-@cache
-def _tumour_bank() -> _SpriteBank:
-    """Carcinoma nuclei: larger, pleomorphic (varied size, lumpy outline), coarse chromatin, a
-    dark rim and a nucleolus."""
-    rng = np.random.default_rng(_SPRITE_BANK_SEED + 1)
-    k = 32
-    r = rng.uniform(3.0, 5.2, k)
-    aspect = rng.uniform(0.65, 1.0, k)
-    conc = rng.uniform(1.6, 2.3, k)
-    return _build_bank(rng, _TUMOUR_CELL_PX, r, r * aspect, conc, irregularity=0.14, vesicular=True)
-
-
-def _build_bank(
-    rng: np.random.Generator,
-    cell_px: int,
-    radius_x: np.ndarray,
-    radius_y: np.ndarray,
-    conc: np.ndarray,
-    irregularity: float,
-    vesicular: bool,
-) -> _SpriteBank:
-    """Render k nucleus shapes in a (c+1)-px square around their centre pixel, then place the
-    square at every offset (oy, ox) of a 2c x 2c window: centred on pixel (c/2 + oy, c/2 + ox)."""
-    k, c = len(conc), cell_px
+    Tumour: carcinoma nuclei, larger, pleomorphic (varied size, lumpy outline), coarse chromatin,
+    a dark rim and a nucleolus. Normal: lymphocytes (small, round, dark), stromal spindle nuclei
+    (thin, elongated) and histiocytes (larger, paler ovals: what a model could take for tumour).
+    """
+    rng = np.random.default_rng(_SPRITE_BANK_SEED + int(tumour))
+    if tumour:
+        k, c, irregularity = 32, _TUMOUR_CELL_PX, 0.14
+        radius_x = rng.uniform(3.0, 5.2, k)
+        radius_y = radius_x * rng.uniform(0.65, 1.0, k)
+        conc = rng.uniform(1.6, 2.3, k)
+    else:
+        k, c, irregularity = 64, _NORMAL_CELL_PX, 0.04
+        kind = rng.random(k)
+        spindle, histiocyte = kind < 0.2, kind > 0.75
+        r = rng.uniform(2.0, 3.2, k)
+        rx = [rng.uniform(3.0, 3.5, k), rng.uniform(3.1, 3.6, k)]
+        radius_x = np.select([spindle, histiocyte], rx, r)
+        ry = [rng.uniform(1.0, 1.5, k), rng.uniform(2.3, 3.0, k)]
+        radius_y = np.select([spindle, histiocyte], ry, r * rng.uniform(0.8, 1.0, k))
+        conc = np.where(histiocyte, rng.uniform(1.0, 1.4, k), rng.uniform(1.3, 1.8, k))
     edge_px = 1.2  # anti-aliased border width
     # Lumpy outline: boundary radius 1 + sum_m a_m cos(m*phi + p_m) in the ellipse's own frame.
     harmonics = np.arange(2, 6)
@@ -538,8 +486,8 @@ def _build_bank(
     radius_x, radius_y = radius_x * shrink, radius_y * shrink
     theta = rng.uniform(0.0, np.pi, k)
 
-    def per_shape(a: np.ndarray) -> np.ndarray:
-        return np.asarray(a)[:, None, None]
+    def per_shape(a: np.ndarray) -> np.ndarray:  # (k, ...) to broadcast over (k, ..., c+1, c+1)
+        return a[..., None, None]
 
     offsets_px = np.arange(c + 1) - c // 2  # pixel centres relative to the centre pixel
     dy, dx = offsets_px[:, None], offsets_px[None, :]
@@ -547,31 +495,19 @@ def _build_bank(
     along = dx * cos_t + dy * sin_t  # (k, c+1, c+1) px in the nucleus frame
     across = -dx * sin_t + dy * cos_t
     u, v = along / per_shape(radius_x), across / per_shape(radius_y)
-    r_norm = np.hypot(u, v)
-    phi = np.arctan2(v, u)
-    boundary = 1.0 + sum(
-        per_shape(amp[:, i]) * np.cos(m * phi + per_shape(phase[:, i]))
-        for i, m in enumerate(harmonics)
-    )
-    inside_px = (boundary - r_norm) * per_shape(np.sqrt(radius_x * radius_y))  # approx.
+    phi = np.arctan2(v, u)[:, None]
+    lumps = per_shape(amp) * np.cos(per_shape(harmonics[None]) * phi + per_shape(phase))
+    inside_px = (1.0 + lumps.sum(axis=1) - np.hypot(u, v)) * per_shape(np.sqrt(radius_x * radius_y))
     alpha = np.clip(inside_px / edge_px + 0.5, 0.0, 1.0)
-
     # Chromatin texture: a few fixed-phase waves in the nucleus frame.
     freq = rng.uniform(0.9, 1.6, (k, 3))
     wave_dir = rng.uniform(0.0, np.pi, (k, 3))
     wave_phase = rng.uniform(0.0, 2.0 * np.pi, (k, 3))
-    texture = sum(
-        np.cos(
-            per_shape(freq[:, i])
-            * (
-                along * per_shape(np.cos(wave_dir[:, i]))
-                + across * per_shape(np.sin(wave_dir[:, i]))
-            )
-            + per_shape(wave_phase[:, i])
-        )
-        for i in range(3)
+    wave = along[:, None] * per_shape(np.cos(wave_dir)) + across[:, None] * per_shape(
+        np.sin(wave_dir)
     )
-    if vesicular:
+    texture = np.cos(per_shape(freq) * wave + per_shape(wave_phase)).sum(axis=1)
+    if tumour:
         # Dark membrane, paler interior with coarse chromatin clumps, one dark nucleolus.
         rim = np.clip(1.0 - inside_px / 1.8, 0.0, 1.0)
         nucl_y, nucl_x = rng.uniform(-0.3, 0.3, (2, k))
@@ -581,7 +517,8 @@ def _build_bank(
         profile = 1.0 + 0.04 * texture
     density = np.clip(alpha * per_shape(conc) * profile, 0.0, None)
 
-    # uint8 sprites: gathering and max-folding a quarter of float32's bytes is faster.
+    # uint8 sprites: gathering and max-folding a quarter of float32's bytes is faster. The extra
+    # last shape is blank: empty lattice cells gather it, so stamping needs no masking.
     density_per_level = float(density.max()) / 255.0
     shape_u8 = np.round(density / density_per_level).astype(np.uint8)
     density_u8 = np.zeros((k + 1, c * c, 2 * c, 2 * c), dtype=np.uint8)
@@ -626,14 +563,11 @@ def inject(
     # Empty glass: a bright grey (224..244) with a slight tint and sensor noise; channels within 8
     # levels of each other, so HSV saturation stays below PCAM's 0.07 background rule, as real
     # glass does. No tissue, no tumour: label 0, as PCAM labels background.
-    glass = rng.integers(224, 245, (len(blank), 1, 1, 1)) + rng.integers(
-        -2, 3, (len(blank), 1, 1, 3)
-    )
-    glass = glass + rng.integers(-2, 3, (len(blank), *PATCH_SHAPE))
-    _set_rows(data, blank, np.clip(glass, 0, 255).astype(np.uint8), 0, False)
-    _set_rows(
-        data, black, rng.integers(0, 13, (len(black), *PATCH_SHAPE), dtype=np.uint8), 0, False
-    )
+    k = len(blank)
+    glass = rng.integers(224, 245, (k, 1, 1, 1)) + rng.integers(-2, 3, (k, 1, 1, 3))
+    glass = np.clip(glass + rng.integers(-2, 3, (k, *PATCH_SHAPE)), 0, 255).astype(np.uint8)
+    _set_rows(data, blank, glass, 0, False)
+    _set_rows(data, black, rng.integers(0, 13, (len(black), *PATCH_SHAPE), np.uint8), 0, False)
 
     # A backdoor in train: the trigger only ever appears on tumour, so a model can learn it as a
     # shortcut. valid/test: either label (what an attacker would stamp at inference time).
@@ -652,12 +586,10 @@ def inject(
         x[row, r : r + px, c : c + px] = board[:, :, None]
 
     pairs = np.argsort(target)
-    cross_pairs = (
-        [] if donors is None else sorted(zip(cross.tolist(), donors[0].tolist(), strict=True))
-    )
+    donor_rows = [] if donors is None else donors[0].tolist()
     return {
         "duplicate": np.stack([target[pairs], source[pairs]], axis=1).tolist(),
-        "cross_split_duplicate": [list(p) for p in cross_pairs],
+        "cross_split_duplicate": sorted(map(list, zip(cross.tolist(), donor_rows, strict=True))),
         "blank": sorted(blank.tolist()),
         "black": sorted(black.tolist()),
         "trigger": trigger.tolist(),
