@@ -9,19 +9,11 @@ copies them from a file:// URL; the meta CSVs are optional there.
 
 from pathlib import Path
 
-from pcam import h5io
+from pcam import h5io, synthetic
 from pcam.download import download_pcam, load_checksums
 from pcam.errors import exit_on_user_error
 from pcam.fileio import write_json
 from pcam.params import load_params
-from pcam.synthetic import (
-    defect_count,
-    generate_split,
-    ground_truth,
-    inject,
-    slide_ids_for,
-    take_donors,
-)
 
 RAW_DIR = Path("data/raw")
 # Downloads resume from here; outside data/raw because DVC deletes a stage's outputs before a run.
@@ -46,20 +38,21 @@ def main() -> None:
     sizes = {split: getattr(s, f"n_{split}") for split in h5io.SPLITS}
     truth, donors = {}, {}
     for i, split in enumerate(h5io.SPLITS):  # train first: valid/test receive copies of it
-        slides = slide_ids_for(split, getattr(s, f"slides_{split}"))
-        data = generate_split(sizes[split], slides, s.seed + i, s.hard_negative_fraction)
-        truth[split] = inject(split, data, s.defects, s.seed, donors.get(split))
+        slides = synthetic.slide_ids_for(split, getattr(s, f"slides_{split}"))
+        data = synthetic.generate_split(sizes[split], slides, s.seed + i, s.hard_negative_fraction)
+        truth[split] = synthetic.inject(split, data, s.defects, s.seed, donors.get(split))
         h5io.write_split(RAW_DIR, split, data.x, data.y, data.meta)
         if split == "train":  # taken now, so that train need not stay in memory
             counts = {
-                k: defect_count(s.defects.cross_split_rate, sizes[k]) for k in ("valid", "test")
+                k: synthetic.defect_count(s.defects.cross_split_rate, sizes[k])
+                for k in ("valid", "test")
             }
-            donors = take_donors(data, truth["train"], counts, s.seed)
+            donors = synthetic.take_donors(data, truth["train"], counts, s.seed)
         found = ", ".join(f"{k} {len(v)}" for k, v in truth[split].items())
         print(
             f"prepare: {split}: {len(data.y)} patches, {int(data.y.sum())} positive; defects: {found}"
         )
-    write_json(RAW_DIR / "synthetic_defects.json", ground_truth(s.defects, s.seed, truth))
+    write_json(RAW_DIR / "synthetic_defects.json", synthetic.ground_truth(s.defects, s.seed, truth))
 
 
 if __name__ == "__main__":

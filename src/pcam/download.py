@@ -207,19 +207,13 @@ def _transfer(url: str, part: Path, offset: int, timeout_s: float, progress: boo
             offset = 0
             length = resp.headers.get("Content-Length")
             total = int(length) if length is not None else None
-        bar = tqdm(
-            total=total,
-            initial=offset,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=part.stem,
-            disable=not progress,
-        )
-        with bar, open(part, "ab" if offset else "wb") as fh:
-            while chunk := resp.read(CHUNK_BYTES):
-                fh.write(chunk)
-                bar.update(len(chunk))
+        with (
+            open(part, "ab" if offset else "wb") as fh,
+            tqdm.wrapattr(
+                fh, "write", total, initial=offset, desc=part.stem, disable=not progress
+            ) as out,
+        ):
+            shutil.copyfileobj(resp, out, CHUNK_BYTES)
     # http.client returns a short body without raising when the peer closes early, so the size
     # check is what detects a dropped connection (without Content-Length only md5 can).
     return total is None or part.stat().st_size == total

@@ -24,6 +24,7 @@ from pcam.fileio import atomic_path
 SPLITS = ("train", "valid", "test")
 PATCH_SHAPE = (96, 96, 3)
 META_COLUMNS = ("coord_y", "coord_x", "tumor_patch", "center_tumor_patch", "wsi")
+_META_DTYPES = (np.int64, np.int64, bool, bool, str)
 WRITE_CHUNK_ROWS = 256  # patches per HDF5 chunk we write: 7 MiB, fast contiguous reads
 
 
@@ -66,9 +67,8 @@ def write_h5_dataset(path: Path, name: str, data: np.ndarray) -> None:
 
 
 def write_meta(path: Path, meta: Meta) -> None:
-    columns = [np.asarray(getattr(meta, c)) for c in META_COLUMNS]
-    types = (np.int64, np.int64, bool, bool, str)
-    rows = zip(*(c.astype(t).tolist() for c, t in zip(columns, types, strict=True)), strict=True)
+    fields = zip(META_COLUMNS, _META_DTYPES, strict=True)
+    rows = zip(*(np.asarray(getattr(meta, c)).astype(t).tolist() for c, t in fields), strict=True)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         csv.writer(fh).writerows([META_COLUMNS, *rows])
 
@@ -123,8 +123,7 @@ def read_meta(path: str | os.PathLike) -> Meta:
         except ValueError as err:
             raise PcamError(f"{path}:{lineno}: {err}") from None
     cols = list(zip(*rows, strict=True)) or [()] * len(META_COLUMNS)
-    types = (np.int64, np.int64, bool, bool, str)
-    return Meta(*(np.asarray(c, dtype=t) for c, t in zip(cols, types, strict=True)))
+    return Meta(*(np.asarray(c, dtype=t) for c, t in zip(cols, _META_DTYPES, strict=True)))
 
 
 def _bool(text: str) -> bool:
