@@ -32,9 +32,8 @@ import h5py
 import numpy as np
 
 from pcam import h5io
-from pcam.defects import defect_count, inject, take_donors
 from pcam.params import load_params
-from pcam.synthetic import generate_split, slide_ids_for
+from pcam.synthetic import defect_count, generate_split, inject, slide_ids_for, take_donors
 
 REPO = Path(__file__).resolve().parents[1]
 # Marker grey levels per split, so a tile of one split never equals a tile of another.

@@ -14,10 +14,17 @@ import pytest
 import yaml
 
 from pcam import h5io, validation
-from pcam.defects import DEFECTS, defect_count, ground_truth, inject, take_donors
 from pcam.errors import PcamError
 from pcam.params import DefectParams, load_params
-from pcam.synthetic import generate_split, slide_ids_for
+from pcam.synthetic import (
+    DEFECTS,
+    defect_count,
+    generate_split,
+    ground_truth,
+    inject,
+    slide_ids_for,
+    take_donors,
+)
 from tests.conftest import REPO
 
 SIZES = {"train": 2048, "valid": 512, "test": 512}

@@ -114,7 +114,7 @@ def _write_tiny_pcam(orig: Path, root: Path) -> dict[str, str]:
             wsi=np.array([f"{split}_slide_{j % 3}" for j in range(N_PATCHES)]),
         )
         x = rng.integers(0, 256, (N_PATCHES, 96, 96, 3), dtype=np.uint8)
-        write_split(orig, split, x, y, meta, compression=None)
+        write_split(orig, split, x, y, meta)
         for name in (x_name(split), y_name(split)):
             (root / (name + ".gz")).write_bytes(gzip.compress((orig / name).read_bytes(), mtime=0))
         shutil.copyfile(orig / meta_name(split), root / meta_name(split))

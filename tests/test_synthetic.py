@@ -106,7 +106,8 @@ def test_unknown_split_is_rejected():
 
 
 def test_tumour_pixels_touch_the_centre_iff_label_is_one():
-    s, mask = synthetic._generate(256, SLIDES, 3, 0.5, keep_tumour_mask=True)
+    s = generate_split(256, SLIDES, 3, 0.5, keep_tumour_mask=True)
+    mask = s.tumour_mask
     centre = mask[:, 32:64, 32:64].any(axis=(1, 2))
     assert np.array_equal(centre, s.y == 1)
     hard = s.meta.tumor_patch & ~s.meta.center_tumor_patch
@@ -130,14 +131,16 @@ def test_label_holds_even_when_the_nest_misses_the_centre(monkeypatch):
         )
 
     monkeypatch.setattr(synthetic, "_draw_nests", speck_nests)
-    s, mask = synthetic._generate(64, SLIDES, 7, 1.0, keep_tumour_mask=True)
+    s = generate_split(64, SLIDES, 7, 1.0, keep_tumour_mask=True)
+    mask = s.tumour_mask
     assert np.array_equal(mask[:, 32:64, 32:64].any(axis=(1, 2)), s.y == 1)
     assert np.array_equal(mask.any(axis=(1, 2)), s.meta.tumor_patch)
     assert s.meta.tumor_patch.all()
 
 
 def test_tumour_nuclei_are_darker_than_their_patch():
-    s, mask = synthetic._generate(32, SLIDES, 4, 0.0, keep_tumour_mask=True)
+    s = generate_split(32, SLIDES, 4, 0.0, keep_tumour_mask=True)
+    mask = s.tumour_mask
     pos = np.flatnonzero(s.y == 1)
     lum = s.x[pos].astype(np.float32).mean(axis=-1)
     assert (lum[mask[pos]].mean()) < lum.mean() - 30
@@ -188,7 +191,7 @@ def test_stamp_puts_each_nucleus_at_its_nominal_pixel(shift_px):
 
 
 def test_every_tumour_sprite_covers_its_centre_and_fits_its_window():
-    bank = synthetic._tumour_bank()
+    bank = synthetic._sprite_bank(tumour=True)
     c = synthetic._TUMOUR_CELL_PX
     shapes = bank.mask[:-1]
     oy, ox = np.divmod(np.arange(c * c), c)

@@ -1,25 +1,15 @@
-"""Synthetic PCAM-like H&E patches: the pipeline's embedded default dataset.
+"""Synthetic PCAM-like H&E patches with known defects: the pipeline's embedded default dataset.
 
-Every later stage (validation, training, evaluation, slicing) runs on these patches when
-`data.source: synthetic`, so they imitate what matters about PatchCamelyon:
+Colour follows Beer-Lambert, RGB = glass * exp(-strength * (H * h_od + E * e_od)), with each
+slide's own stain vectors, strength and glass, so that stain variation between slides dominates
+a patch's mean colour, as in real PCAM. Pink textured stroma, small dark nuclei and white glass;
+tumour is nests of larger, lumpy, crowded nuclei. Label 1 iff a tumour nucleus touches the centre
+32x32 px; hard negatives carry tumour only in the outer ring. Mean colour does not give the label
+away (each patch draws its haematoxylin total independently of it), so a CNN has to look at
+nucleus size and shape. Nuclei are stamped from precomputed sprite banks on a jittered lattice.
 
-- Colour comes from a Beer-Lambert stain model: each pixel holds a haematoxylin and an eosin
-  concentration, and RGB = glass_brightness * exp(-strength * (H * h_od + E * e_od)). Each slide
-  draws its own stain vectors, strength and glass brightness, so stain variation between slides
-  (some clearly darker) dominates a patch's mean colour, as it does in real PCAM.
-- Pink, textured eosin stroma; small dark round/spindle nuclei; white glass (fat holes, tissue
-  edges).
-- Tumour: nests of larger, irregular (lumpy, varied size), crowded nuclei with a dark rim,
-  coarse chromatin and a nucleolus. Label 1 iff a tumour nucleus touches the centre 32x32 px;
-  hard negatives carry tumour only in the outer ring. Blur (out-of-focus patches), pale large
-  normal nuclei (histiocytes) and small nests keep the task from being trivial.
-- Tumour does not give itself away through mean colour: each patch draws a label-independent
-  target for its total haematoxylin, and normal nuclei fill whatever tumour nuclei leave of it;
-  glass and eosin are label-independent too. Telling tumour from dense normal tissue needs
-  nucleus size and shape, i.e. a CNN (a logistic regression on mean RGB stays near chance).
-
-Generation is vectorised over chunks of patches; nuclei are stamped from precomputed sprite banks
-on a jittered lattice (one nucleus at most per lattice cell), which needs no per-nucleus loop.
+`inject` adds the defects of real PCAM and of poisoned copies of it, each on its own patches, and
+returns their indices: the ground truth that validate-data is measured against.
 """
 
 from __future__ import annotations
@@ -29,103 +19,67 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
+from typing import NamedTuple
 
 import numpy as np
 
+from pcam.errors import PcamError
 from pcam.h5io import PATCH_SHAPE, SPLITS, Meta
+from pcam.params import DefectParams
 
 PATCH_PX = PATCH_SHAPE[0]
-# The label's region: PCAM's "centre 32x32 px" is pixels 32..63 in both axes.
-CENTER_START_PX = 32
-CENTER_STOP_PX = 64
-
+CENTER_START_PX, CENTER_STOP_PX = 32, 64  # PCAM's "centre 32x32 px"
 # Reference stain optical-density directions (RGB), Macenko et al. 2009; slides perturb them.
 _H_OD_REF = np.array([0.5626, 0.7201, 0.4062])
 _E_OD_REF = np.array([0.2159, 0.8012, 0.5581])
-
-# Lattice cells: one nucleus at most per cell, its sprite window twice the cell so a nucleus
-# anywhere in its cell still fits. Normal nuclei (radius <= 4 px) live on 8 px cells (12x12
-# lattice), tumour nuclei (radius <= 6 px) on 12 px cells (8x8 lattice).
+# One nucleus at most per lattice cell, its sprite window twice the cell so that it fits anywhere
+# in the cell: normal nuclei (radius <= 4 px) on 8 px cells, tumour (<= 6 px) on 12 px cells.
 _NORMAL_CELL_PX = 8
 _TUMOUR_CELL_PX = 12
 _TUMOUR_GRID = PATCH_PX // _TUMOUR_CELL_PX
-# Offsets of the two tumour lattices; the second sits half a cell down and right.
-_TUMOUR_SHIFTS_PX = (0, _TUMOUR_CELL_PX // 2)
-# Cells 3 and 4 lie inside the centre square (px 36..59), so a nucleus centred there is a
-# positive by construction.
-_CENTRE_CELLS = (3, 4)
-
-# Patches per vectorised chunk: big enough to amortise numpy's per-call overhead, small enough
-# to bound the float32 temporaries (~100 MiB). Fixed: the RNG stream depends on it.
-_CHUNK_PATCHES = 256
-# Fixed seed of the sprite banks: nucleus shapes are part of the generator, not of the data seed.
-_SPRITE_BANK_SEED = 20240611
-# Stream tags mixed into the seed, so a one-slide split's patch stream and that slide's stain
-# stream never coincide.
-_PATCH_STREAM, _SLIDE_STREAM = 0, 1
+_TUMOUR_SHIFTS_PX = (0, _TUMOUR_CELL_PX // 2)  # two tumour lattices, the second half a cell off
+_CENTRE_CELLS = (3, 4)  # inside the centre square (px 36..59): a nucleus there makes a positive
+_CHUNK_PATCHES = 256  # bounds the float32 temporaries (~100 MiB); the RNG stream depends on it
+_SPRITE_BANK_SEED = 20240611  # nucleus shapes belong to the generator, not to the data seed
+# Mixed into seeds so that no two streams coincide (e.g. a one-slide split's patches and slide).
+_PATCH_STREAM, _SLIDE_STREAM, _DEFECT_STREAM = 0, 1, 2
+DEFECTS = ("duplicate", "cross_split_duplicate", "blank", "black", "trigger")
 
 
-@dataclass(frozen=True)
-class SyntheticSplit:
-    """One split as the PCAM files hold it."""
-
+class SyntheticSplit(NamedTuple):
     x: np.ndarray  # (n, 96, 96, 3) uint8 RGB
     y: np.ndarray  # (n,) uint8 in {0, 1}
     meta: Meta
+    tumour_mask: np.ndarray | None = None  # (n, 96, 96) bool: tumour pixels, if asked for
 
 
-@dataclass(frozen=True)
-class _Slides:
-    """Per-slide staining, one row per slide."""
-
-    h_od: np.ndarray  # (s, 3) haematoxylin OD direction
-    e_od: np.ndarray  # (s, 3) eosin OD direction
-    strength: np.ndarray  # (s,) section thickness / stain uptake: multiplies all OD
-    glass_rgb: np.ndarray  # (s, 3) brightness of empty glass (illumination, scanner white balance)
-    eosin_level: np.ndarray  # (s,) how pink this lab's eosin bath left the stroma
-
-
-@dataclass(frozen=True)
-class _SpriteBank:
-    """Nuclei pre-rendered at every integer offset inside their lattice cell.
-
-    The last shape is blank: empty lattice cells gather it, so stamping needs no masking.
-    """
-
+class _SpriteBank(NamedTuple):
     density_u8: np.ndarray  # (shapes+1, cell*cell, 2*cell, 2*cell) haematoxylin, quantised
-    mask: np.ndarray  # same shape, bool: the nucleus's pixels (what "tumour pixels" means)
-    density_per_level: np.float32  # haematoxylin concentration of one uint8 step
-    mean_density_per_cell_px: float  # sprite mass / cell area: mean H a full lattice adds
+    mask: np.ndarray  # the nucleus's pixels (what "tumour pixels" means)
+    density_per_level: np.float32  # haematoxylin of one uint8 step
+    mean_density_per_cell_px: float  # mean H a full lattice adds
 
 
-def slide_ids_for(split: str, n_slides: int) -> list[str]:
-    """Slide ids of one split, e.g. "train_slide_003"; the split prefix keeps splits disjoint."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if n_slides < 1:
-        raise ValueError(f"n_slides must be >= 1, got {n_slides}")
-    return [f"{split}_slide_{i:03d}" for i in range(n_slides)]
+class StainShift(NamedTuple):
+    """Another lab's staining or scanner: per-RGB gains on every slide's stain (same tissue).
+    Equal gains change how much stain, unequal ones its hue (another dye lot or recipe)."""
 
-
-@dataclass(frozen=True)
-class StainShift:
-    """Another lab's staining or another scanner, applied to every slide's stain after it is
-    drawn: the same seed gives the same tissue, only in other colours (for drift checks)."""
-
-    # Per RGB channel: multiplies a stain's optical density. Equal gains change how much stain
-    # (staining time, section thickness), unequal ones its hue (another dye lot or recipe).
     haematoxylin_od_gain: tuple[float, float, float] = (1.0, 1.0, 1.0)
     eosin_od_gain: tuple[float, float, float] = (1.0, 1.0, 1.0)
     glass_rgb_gain: tuple[float, float, float] = (1.0, 1.0, 1.0)  # scanner white balance
 
 
-# Another lab, for drift demonstrations (tests/test_drift.py, scripts/drift_demo.py): more and
-# bluer haematoxylin, paler and more orange eosin, a yellowish scanner.
-ANOTHER_LAB = StainShift(
-    haematoxylin_od_gain=(1.5, 1.4, 1.2),
-    eosin_od_gain=(0.6, 0.7, 0.9),
-    glass_rgb_gain=(1.0, 0.95, 0.85),
-)
+# More and bluer haematoxylin, paler and more orange eosin, a yellowish scanner (drift demos).
+ANOTHER_LAB = StainShift((1.5, 1.4, 1.2), (0.6, 0.7, 0.9), (1.0, 0.95, 0.85))
+
+
+def slide_ids_for(split: str, n_slides: int) -> list[str]:
+    """Slide ids of one split, e.g. "train_slide_003"; the prefix keeps splits disjoint."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if n_slides < 1:
+        raise ValueError(f"n_slides must be >= 1, got {n_slides}")
+    return [f"{split}_slide_{i:03d}" for i in range(n_slides)]
 
 
 def generate_split(
@@ -134,28 +88,13 @@ def generate_split(
     seed: int,
     hard_negative_fraction: float,
     stain_shift: StainShift | None = None,
+    keep_tumour_mask: bool = False,
 ) -> SyntheticSplit:
     """n patches (n // 2 positives, shuffled) spread evenly over `slide_ids`.
 
-    The RNG stream is derived from `seed` *and* the slide ids, so train/valid/test generated with
-    the same seed are still different data (their slide ids differ). Same arguments give
-    byte-identical arrays. `stain_shift` changes colours only, not the random draws.
+    The RNG stream depends on `seed` and the slide ids, so splits generated with one seed differ;
+    same arguments give byte-identical arrays. `stain_shift` changes colours, not random draws.
     """
-    split, _ = _generate(
-        n, slide_ids, seed, hard_negative_fraction, keep_tumour_mask=False, stain_shift=stain_shift
-    )
-    return split
-
-
-def _generate(
-    n: int,
-    slide_ids: Sequence[str],
-    seed: int,
-    hard_negative_fraction: float,
-    keep_tumour_mask: bool,
-    stain_shift: StainShift | None = None,
-) -> tuple[SyntheticSplit, np.ndarray | None]:
-    """generate_split, optionally also returning the (n, 96, 96) bool mask of tumour pixels."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if len(slide_ids) == 0:
@@ -168,46 +107,33 @@ def _generate(
         raise ValueError(f"seed must be >= 0, got {seed}")
 
     slide_ids = [str(s) for s in slide_ids]
-    rng = np.random.default_rng(
-        np.random.SeedSequence([seed, _PATCH_STREAM, *_ids_entropy(slide_ids)])
-    )
-    slides = _draw_slides(seed, slide_ids)
-    if stain_shift is not None:
-        slides = _shift_stain(slides, stain_shift)
-
+    entropy = [seed, _PATCH_STREAM, *_ids_entropy(slide_ids)]
+    rng = np.random.default_rng(np.random.SeedSequence(entropy))
+    slides = _draw_slides(seed, slide_ids, stain_shift or StainShift())
     n_pos = n // 2
     y = np.zeros(n, dtype=np.uint8)
     y[:n_pos] = 1
-    n_neg = n - n_pos
     hard = np.zeros(n, dtype=bool)
-    hard[n_pos : n_pos + int(round(hard_negative_fraction * n_neg))] = True
+    hard[n_pos : n_pos + int(round(hard_negative_fraction * (n - n_pos)))] = True
     order = rng.permutation(n)
     y, hard = y[order], hard[order]
-    # Round-robin then shuffled: slide sizes differ by at most one, and slide is independent of
-    # label (otherwise a slide's stain colour would leak the label into mean colour).
+    # Round-robin then shuffled: slide sizes differ by one at most, and the slide (its stain
+    # colour) is independent of the label.
     slide_idx = rng.permutation(np.arange(n) % len(slide_ids))
 
     x = np.empty((n, PATCH_PX, PATCH_PX, 3), dtype=np.uint8)
-    tumour_mask = np.zeros((n, PATCH_PX, PATCH_PX), dtype=bool) if keep_tumour_mask else None
+    mask = np.zeros((n, PATCH_PX, PATCH_PX), dtype=bool) if keep_tumour_mask else None
     for start in range(0, n, _CHUNK_PATCHES):
         rows = slice(start, min(n, start + _CHUNK_PATCHES))
-        x[rows], mask = _render_chunk(
-            rng, slides, slide_idx[rows], y[rows] == 1, hard[rows], keep_tumour_mask
-        )
-        if tumour_mask is not None and mask is not None:
-            tumour_mask[rows] = mask
-
-    # Patch positions on the slide grid (level-0 px); only need to be plausible and deterministic.
+        chunk = (slide_idx[rows], y[rows] == 1, hard[rows], mask is not None)
+        x[rows], chunk_mask = _render_chunk(rng, slides, *chunk)
+        if mask is not None:
+            mask[rows] = chunk_mask
+    # Patch positions on the slide grid (level-0 px): plausible and deterministic.
     coord_y = rng.integers(0, 1024, size=n).astype(np.int64) * PATCH_PX
     coord_x = rng.integers(0, 1024, size=n).astype(np.int64) * PATCH_PX
-    meta = Meta(
-        coord_y=coord_y,
-        coord_x=coord_x,
-        tumor_patch=(y == 1) | hard,
-        center_tumor_patch=y == 1,
-        wsi=np.asarray(slide_ids, dtype=str)[slide_idx],
-    )
-    return SyntheticSplit(x=x, y=y, meta=meta), tumour_mask
+    wsi = np.asarray(slide_ids, dtype=str)[slide_idx]
+    return SyntheticSplit(x, y, Meta(coord_y, coord_x, (y == 1) | hard, y == 1, wsi), mask)
 
 
 def _ids_entropy(slide_ids: Sequence[str]) -> list[int]:
@@ -216,8 +142,8 @@ def _ids_entropy(slide_ids: Sequence[str]) -> list[int]:
     return [int.from_bytes(digest[i : i + 8], "little") for i in range(0, 32, 8)]
 
 
-def _draw_slides(seed: int, slide_ids: Sequence[str]) -> _Slides:
-    """Each slide's staining depends only on (seed, its id), not on which other slides exist."""
+def _draw_slides(seed: int, slide_ids: Sequence[str], shift: StainShift) -> list[np.ndarray]:
+    """Per slide: h_od, e_od, strength, glass_rgb, eosin_level; each from (seed, its id) only."""
     rows = []
     for sid in slide_ids:
         r = np.random.default_rng(
@@ -225,43 +151,23 @@ def _draw_slides(seed: int, slide_ids: Sequence[str]) -> _Slides:
         )
         h_od = _H_OD_REF * r.uniform(0.85, 1.15, 3)
         e_od = _E_OD_REF * r.uniform(0.85, 1.15, 3)
-        # Thick or over-stained sections: about one slide in five is markedly darker, which is
-        # what gives a "darkest 10 % of patches" slice something to find.
+        # Thick or over-stained sections: about one slide in five is markedly darker, which gives
+        # a "darkest 10 % of patches" slice something to find.
         strength = r.lognormal(0.0, 0.15) * (1.45 if r.random() < 0.2 else 1.0)
-        glass = r.uniform(212.0, 248.0) + r.uniform(-7.0, 7.0, 3)
+        glass = r.uniform(212.0, 248.0) + r.uniform(-7.0, 7.0, 3)  # illumination, white balance
+        eosin = r.uniform(0.45, 0.95)  # how pink this lab's eosin bath left the stroma
         rows.append(
-            (
-                h_od / np.linalg.norm(h_od),
-                e_od / np.linalg.norm(e_od),
-                strength,
-                glass,
-                r.uniform(0.45, 0.95),
-            )
+            (h_od / np.linalg.norm(h_od), e_od / np.linalg.norm(e_od), strength, glass, eosin)
         )
-    h_od, e_od, strength, glass, eosin = zip(*rows, strict=True)
-    return _Slides(
-        h_od=np.array(h_od, dtype=np.float32),
-        e_od=np.array(e_od, dtype=np.float32),
-        strength=np.array(strength, dtype=np.float32),
-        glass_rgb=np.clip(np.array(glass, dtype=np.float32), 0.0, 255.0),
-        eosin_level=np.array(eosin, dtype=np.float32),
-    )
-
-
-def _shift_stain(slides: _Slides, shift: StainShift) -> _Slides:
-    return dataclasses.replace(
-        slides,
-        h_od=slides.h_od * np.asarray(shift.haematoxylin_od_gain, np.float32),
-        e_od=slides.e_od * np.asarray(shift.eosin_od_gain, np.float32),
-        glass_rgb=np.clip(
-            slides.glass_rgb * np.asarray(shift.glass_rgb_gain, np.float32), 0.0, 255.0
-        ),
-    )
+    h_od, e_od, strength, glass, eosin = (np.array(v, np.float32) for v in zip(*rows, strict=True))
+    gain_h, gain_e, gain_glass = (np.asarray(g, np.float32) for g in shift)
+    glass = np.clip(np.clip(glass, 0.0, 255.0) * gain_glass, 0.0, 255.0)
+    return [h_od * gain_h, e_od * gain_e, strength, glass, eosin]
 
 
 def _render_chunk(
     rng: np.random.Generator,
-    slides: _Slides,
+    slides: list[np.ndarray],
     slide_idx: np.ndarray,
     positive: np.ndarray,
     hard: np.ndarray,
@@ -270,20 +176,19 @@ def _render_chunk(
     """RGB uint8 patches (and optionally their tumour-pixel masks) for one chunk."""
     n = len(slide_idx)
     f32 = np.float32
-    normal_bank, tumour_bank = _normal_bank(), _tumour_bank()
+    normal_bank, tumour_bank = _sprite_bank(tumour=False), _sprite_bank(tumour=True)
 
-    # Where tissue is. Two anchor cells per patch (one central, one in the outer ring) are kept
-    # free of glass in *every* patch: tumour patches need them for their decisive nucleus, and
-    # doing it everywhere keeps the amount of glass independent of the label.
+    # Two anchor cells per patch (one central, one in the outer ring) are kept free of glass in
+    # *every* patch: tumour patches need them for their decisive nucleus, and doing it everywhere
+    # keeps the amount of glass independent of the label.
     nests = _draw_nests(rng, positive, hard)
-    centre_cell, ring_cell = _anchor_cells(rng, nests)
+    centre_cell, ring_cell = _anchor_cells(rng, nests, positive, hard)
     tissue = _tissue_alpha(rng, n, (centre_cell, ring_cell))
     tissue_mean = tissue.mean(axis=(1, 2))
 
-    # Tumour nest cells on two lattices offset by half a cell, which pack tumour nuclei tighter
-    # and less grid-like than one could. The decisive nucleus sits in an anchor cell.
-    cells = [_nest_cells(rng, nests, shift_px) for shift_px in _TUMOUR_SHIFTS_PX]
-    forced = np.zeros_like(cells[0])
+    # Two lattices offset by half a cell pack tumour nuclei tighter and less grid-like than one.
+    cells = [_nest_cells(rng, nests, positive, hard, shift_px) for shift_px in _TUMOUR_SHIFTS_PX]
+    forced = np.zeros_like(cells[0])  # the decisive nucleus, in an anchor cell
     pos, hrd = np.flatnonzero(positive), np.flatnonzero(hard)
     forced[pos, centre_cell[pos, 0], centre_cell[pos, 1]] = True
     forced[hrd, ring_cell[hrd, 0], ring_cell[hrd, 1]] = True
@@ -291,9 +196,9 @@ def _render_chunk(
     # Soft footprint of the nest: purplish cytoplasm instead of pink stroma.
     nest_px = np.clip(1.6 * _upsample(cells[0].astype(f32)), 0.0, 1.0) * tissue
 
-    # Haematoxylin budget: every patch draws its mean H independently of its label; tumour
-    # takes its share first, normal nuclei fill the rest. Otherwise positives would be
-    # markedly bluer and darker, and mean colour alone would predict the label.
+    # Haematoxylin budget, drawn independently of the label: tumour takes its share first, normal
+    # nuclei fill the rest. Otherwise positives would be bluer and darker, and mean colour alone
+    # would predict the label.
     h_budget = rng.uniform(0.2, 0.7, n).astype(f32) * tissue_mean
     h_base = (0.06 * tissue + 0.08 * nest_px).mean(axis=(1, 2))
     h_left = np.maximum(h_budget - h_base, 0.0)
@@ -306,8 +211,7 @@ def _render_chunk(
         occupied = nest_cells & (rng.random(nest_cells.shape) < p_tumour)
         if shift_px == 0:
             occupied |= forced
-        shape_idx, offset_idx = _sprite_ids(rng, tumour_bank, occupied[has_tumour])
-        where = (shape_idx, offset_idx, _TUMOUR_CELL_PX, shift_px)
+        where = (*_sprite_ids(rng, tumour_bank, occupied[has_tumour]), _TUMOUR_CELL_PX, shift_px)
         stamped = _stamp(tumour_bank.density_u8, *where)
         tumour_u8[has_tumour] = np.maximum(tumour_u8[has_tumour], stamped)
         if tumour_mask is not None:
@@ -324,9 +228,8 @@ def _render_chunk(
 
     step = _NORMAL_CELL_PX
     nest_at_cell = nest_px[:, step // 2 :: step, step // 2 :: step]
-    tissue_at_cell = tissue[:, step // 2 :: step, step // 2 :: step]
     # A few lymphocytes infiltrate the nest, most are pushed out by it.
-    room = (1.0 - 0.9 * nest_at_cell) * tissue_at_cell
+    room = (1.0 - 0.9 * nest_at_cell) * tissue[:, step // 2 :: step, step // 2 :: step]
     normal_capacity = room.mean(axis=(1, 2)) * normal_bank.mean_density_per_cell_px
     p_normal = np.clip(h_left / np.maximum(normal_capacity, 1e-6), 0.02, 1.0)[:, None, None]
     occupied = rng.random(room.shape) < p_normal * (1.0 - 0.9 * nest_at_cell)
@@ -341,36 +244,33 @@ def _render_chunk(
         + 0.12 * _upsample(rng.standard_normal((n, 24, 24), dtype=f32))
         + 0.18 * _fibres(rng, n)
     )
-    # Nests hold less eosin than stroma; the stroma around them is pinker by the same total,
+    # Nests hold less eosin than stroma and the stroma around them is pinker by the same total,
     # so a patch's mean eosin does not depend on its label either.
     stroma = tissue * (1.0 - 0.35 * nest_px)
     stroma_gain = tissue_mean / np.maximum(stroma.mean(axis=(1, 2)), 1e-6)
-    eosin_level = slides.eosin_level[slide_idx] * rng.uniform(0.75, 1.25, n) * stroma_gain
+    h_od, e_od, strength, glass_rgb, eosin_level = (a[slide_idx] for a in slides)
+    eosin_level = eosin_level * rng.uniform(0.75, 1.25, n) * stroma_gain
     eosin = np.clip(texture, 0.2, None) * stroma * eosin_level.astype(f32)[:, None, None]
     haem = normal_h + tumour_h + 0.06 * tissue + 0.08 * nest_px
-    # Some patches are out of focus, as in real scans; blur also keeps nucleus shape from being
-    # a pixel-perfect cue. Blurring the two stain planes is cheaper than the three RGB ones.
+    # Some patches are out of focus, as in real scans; blur also keeps nucleus shape from being a
+    # pixel-perfect cue. Blurring the two stain planes is cheaper than the three RGB ones.
     focus = rng.random(n)
     for sigma_px, rows in ((0.9, (focus >= 0.7) & (focus < 0.9)), (1.5, focus >= 0.9)):
-        blur = _blur_matrix(sigma_px)
+        blur = _gauss_matrix(PATCH_PX, sigma_px)
         haem[rows] = _separable(haem[rows], blur, blur)
         eosin[rows] = _separable(eosin[rows], blur, blur)
 
-    # Beer-Lambert per channel on contiguous (n, 96, 96) planes: broadcasting over a trailing
-    # RGB axis is several times slower.
-    s = slide_idx
+    # Beer-Lambert per channel on contiguous (n, 96, 96) planes: broadcasting over a trailing RGB
+    # axis is several times slower.
     rgb = np.empty((n, 3, PATCH_PX, PATCH_PX), dtype=f32)
     for ch in range(3):
-        h_coef = (slides.strength[s] * slides.h_od[s, ch])[:, None, None]
-        e_coef = (slides.strength[s] * slides.e_od[s, ch])[:, None, None]
         plane = rgb[:, ch]
-        np.multiply(haem, -h_coef, out=plane)
-        plane -= eosin * e_coef
+        np.multiply(haem, -(strength * h_od[:, ch])[:, None, None], out=plane)
+        plane -= eosin * (strength * e_od[:, ch])[:, None, None]
         np.exp(plane, out=plane)
-        plane *= slides.glass_rgb[s, ch][:, None, None]
-    # Scanner noise from random bytes (Gaussian draws would be the slowest step here): a
-    # luminance part shared by the channels (sum of three 2-bit uniforms, sd 1.9) and a
-    # per-channel part (two 2-bit uniforms, sd 1.6).
+        plane *= glass_rgb[:, ch][:, None, None]
+    # Scanner noise from random bytes (Gaussian draws would be the slowest step): a luminance part
+    # shared by the channels (three 2-bit uniforms, sd 1.9) and a per-channel one (two, sd 1.6).
     lum = np.frombuffer(rng.bytes(n * PATCH_PX * PATCH_PX), dtype=np.uint8)
     lum = lum.reshape(n, 1, PATCH_PX, PATCH_PX)
     chan = np.frombuffer(rng.bytes(rgb.size), dtype=np.uint8).reshape(rgb.shape)
@@ -383,13 +283,11 @@ def _render_chunk(
 
 @dataclass(frozen=True)
 class _Nests:
-    """One tumour nest per tumour patch (positive or hard negative), as a disc to wobble."""
+    """One tumour nest per tumour patch, a disc to wobble (px; may lie outside the patch)."""
 
-    cy: np.ndarray  # (n,) centre row, px (may lie outside the patch for hard negatives)
-    cx: np.ndarray  # (n,) centre column, px
-    radius: np.ndarray  # (n,) px
-    positive: np.ndarray  # (n,) bool
-    hard: np.ndarray  # (n,) bool
+    cy: np.ndarray
+    cx: np.ndarray
+    radius: np.ndarray
 
 
 def _draw_nests(rng: np.random.Generator, positive: np.ndarray, hard: np.ndarray) -> _Nests:
@@ -399,11 +297,9 @@ def _draw_nests(rng: np.random.Generator, positive: np.ndarray, hard: np.ndarray
     cy = 48.0 + rng.uniform(-22.0, 22.0, n)
     cx = 48.0 + rng.uniform(-22.0, 22.0, n)
     radius = 10.0 + 70.0 * rng.random(n) ** 2  # mostly small nests: the hard positives
-
     side = rng.integers(0, 4, n)
     along = rng.uniform(0.0, PATCH_PX, n)
-    # Distance of the nest centre inside the border (negative: outside). At most 8 px inside,
-    # so the centre's cell is in the ring (cell 0 or 7 along that axis).
+    # Nest centre at most 8 px inside the border (negative: outside), so its cell is in the ring.
     depth = rng.uniform(-18.0, 8.0, n)
     edge_y = np.select([side == 0, side == 1], [depth, PATCH_PX - depth], along)
     edge_x = np.select([side == 2, side == 3], [depth, PATCH_PX - depth], along)
@@ -411,25 +307,22 @@ def _draw_nests(rng: np.random.Generator, positive: np.ndarray, hard: np.ndarray
         cy=np.where(hard, edge_y, cy),
         cx=np.where(hard, edge_x, cx),
         radius=np.where(hard, rng.uniform(16.0, 36.0, n), radius),
-        positive=positive,
-        hard=hard,
     )
 
 
-def _nest_cells(rng: np.random.Generator, nests: _Nests, shift_px: int) -> np.ndarray:
-    """(n, 8, 8) bool: tumour lattice cells (lattice offset by shift_px) inside the nest.
-
-    Hard negatives keep only cells whose sprite window cannot reach the centre square, which
-    keeps them negative by construction.
-    """
+def _nest_cells(
+    rng: np.random.Generator, nests: _Nests, positive: np.ndarray, hard: np.ndarray, shift_px: int
+) -> np.ndarray:
+    """(n, 8, 8) bool: cells of the lattice shifted by shift_px inside the nest; hard negatives
+    keep only cells that cannot reach the centre square (negative by construction)."""
     n, g, c = len(nests.cy), _TUMOUR_GRID, _TUMOUR_CELL_PX
     centres = (np.arange(g) + 0.5) * c + shift_px
     dy = centres[None, :, None] - nests.cy[:, None, None]
     dx = centres[None, None, :] - nests.cx[:, None, None]
     wobble = 1.0 + 0.3 * rng.uniform(-1.0, 1.0, (n, g, g))  # ragged, non-circular nest edges
     cells = np.hypot(dy, dx) < nests.radius[:, None, None] * wobble
-    cells = np.where(nests.hard[:, None, None], cells & _ring_cells(shift_px), cells)
-    return cells & (nests.positive | nests.hard)[:, None, None]
+    cells = np.where(hard[:, None, None], cells & _ring_cells(shift_px), cells)
+    return cells & (positive | hard)[:, None, None]
 
 
 def _ring_cells(shift_px: int) -> np.ndarray:
@@ -440,49 +333,36 @@ def _ring_cells(shift_px: int) -> np.ndarray:
     return outer[:, None] | outer[None, :]
 
 
-def _anchor_cells(rng: np.random.Generator, nests: _Nests) -> tuple[np.ndarray, np.ndarray]:
-    """Two (n, 2) [row, col] cells of the unshifted tumour lattice per patch.
-
-    Central anchor: cell 3 or 4 in both axes, inside the centre square; for positives the one
-    nearest the nest centre (a nucleus there makes the label true by construction). Ring anchor:
-    a cell that cannot reach the centre square; for hard negatives the one holding the nest
-    centre (8 px from the border at most, so cell 0 or 7 along that axis). Elsewhere random.
-    """
-    n = len(nests.cy)
+def _anchor_cells(
+    rng: np.random.Generator, nests: _Nests, positive: np.ndarray, hard: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two (n, 2) [row, col] cells of the unshifted tumour lattice per patch: one central (for
+    positives the one nearest the nest centre), one in the ring (for hard negatives the one
+    holding the nest centre); elsewhere random."""
     lo, hi = _CENTRE_CELLS
-    centre = rng.integers(lo, hi + 1, (n, 2))
+    centre = rng.integers(lo, hi + 1, (len(nests.cy), 2))
     ring_choices = np.argwhere(_ring_cells(0))
-    ring = ring_choices[rng.integers(0, len(ring_choices), n)]
+    ring = ring_choices[rng.integers(0, len(ring_choices), len(nests.cy))]
     nest_cell = np.stack([nests.cy, nests.cx], axis=1)
     nest_cell = (np.clip(nest_cell, 0.0, PATCH_PX - 1e-3) // _TUMOUR_CELL_PX).astype(np.intp)
-    centre[nests.positive] = np.clip(nest_cell, lo, hi)[nests.positive]
-    ring[nests.hard] = nest_cell[nests.hard]
+    centre[positive] = np.clip(nest_cell, lo, hi)[positive]
+    ring[hard] = nest_cell[hard]
     return centre, ring
 
 
-def _cell_dist2(cell: np.ndarray) -> np.ndarray:
-    """(n, 96, 96) squared px distance to the centre of one tumour-lattice cell per patch."""
-    centre_px = (cell.astype(np.float32) + 0.5) * _TUMOUR_CELL_PX
-    px = np.arange(PATCH_PX, dtype=np.float32) + 0.5
-    return (px[None, :, None] - centre_px[:, 0, None, None]) ** 2 + (
-        px[None, None, :] - centre_px[:, 1, None, None]
-    ) ** 2
-
-
 def _tissue_alpha(rng: np.random.Generator, n: int, anchors: tuple[np.ndarray, ...]) -> np.ndarray:
-    """(n, 96, 96) tissue coverage in [0, 1]; 0 is empty glass.
-
-    About half the patches are solid tissue, a quarter have white holes (fat cells, lumina), a
-    quarter sit on the edge of the section (a wavy boundary with glass beyond). Glass is pushed
-    smoothly away from the anchor cells, and tissue is guaranteed within 9 px of their centres,
-    i.e. under any nucleus centred in them.
-    """
+    """(n, 96, 96) tissue coverage in [0, 1], 0 = glass: half the patches solid tissue, a quarter
+    with white holes (fat, lumina), a quarter on the section's edge. Glass is pushed away from the
+    anchor cells; tissue is guaranteed within 9 px of their centres."""
     f32 = np.float32
     kind = rng.random(n)
     alpha = np.ones((n, PATCH_PX, PATCH_PX), dtype=f32)
     holes, edge = np.flatnonzero((kind >= 0.5) & (kind < 0.75)), np.flatnonzero(kind >= 0.75)
     glassy = np.concatenate([holes, edge])
-    dist2 = np.minimum.reduce([_cell_dist2(cell[glassy]) for cell in anchors])
+    px = np.arange(PATCH_PX, dtype=f32) + 0.5
+    centre_px = (np.stack(anchors)[:, glassy].astype(f32) + 0.5) * _TUMOUR_CELL_PX
+    dy2 = (px[None, None, :, None] - centre_px[..., 0, None, None]) ** 2
+    dist2 = (dy2 + (px[None, None, None, :] - centre_px[..., 1, None, None]) ** 2).min(axis=0)
     keep = np.exp(dist2 / np.float32(-2.0 * 9.0**2))  # 1 at an anchor, ~0 beyond 25 px
 
     # Holes: thresholded smooth noise; the threshold sets how much of the patch is glass.
@@ -508,7 +388,7 @@ def _tissue_alpha(rng: np.random.Generator, n: int, anchors: tuple[np.ndarray, .
 def _sprite_ids(
     rng: np.random.Generator, bank: _SpriteBank, occupied: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A random nucleus shape (the blank sprite where unoccupied) and offset, per lattice cell."""
+    """A random nucleus shape (the blank one where unoccupied) and offset per lattice cell."""
     n_shapes, n_offsets = bank.density_u8.shape[0] - 1, bank.density_u8.shape[1]
     shape_idx = np.where(occupied, rng.integers(0, n_shapes, occupied.shape), n_shapes)
     return shape_idx, rng.integers(0, n_offsets, occupied.shape)
@@ -525,8 +405,8 @@ def _stamp(
     """
     windows = bank[shape_idx, offset_idx]  # (n, g, g, 2c, 2c)
     n, g, c = windows.shape[0], windows.shape[1], cell_px
-    # Regroup as four (n, g*c, g*c) images, one per quadrant, so each overlay below is one
-    # contiguous max over whole image rows (a max over 5-D strided views is several times slower).
+    # As four contiguous (n, g*c, g*c) quadrant images: a max over whole rows is several times
+    # faster than over 5-D strided views.
     quads = windows.reshape(n, g, g, 2, c, 2, c).transpose(0, 3, 5, 1, 4, 2, 6)
     quads = np.ascontiguousarray(quads).reshape(n, 2, 2, g * c, g * c)
     canvas = np.zeros((n, (g + 1) * c, (g + 1) * c), dtype=windows.dtype)
@@ -539,43 +419,27 @@ def _stamp(
 
 
 @cache
-def _smoothing_matrix(n_coarse: int, n_fine: int = PATCH_PX) -> np.ndarray:
-    """(n_fine, n_coarse) Gaussian interpolation from coarse cell centres to fine pixels.
-
-    Gaussian rather than bilinear weights: bilinear leaves visible diamond artefacts on a grid.
-    """
-    cell = n_fine / n_coarse
-    u = (np.arange(n_fine) + 0.5) / cell - 0.5
-    w = np.exp(-0.5 * ((u[:, None] - np.arange(n_coarse)[None, :]) / 0.6) ** 2)
-    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-@cache
-def _blur_matrix(sigma_px: float) -> np.ndarray:
-    """(96, 96) Gaussian blur along one axis; rows renormalised so borders keep their level."""
-    px = np.arange(PATCH_PX)
-    w = np.exp(-0.5 * ((px[:, None] - px[None, :]) / sigma_px) ** 2)
+def _gauss_matrix(n_coarse: int, sigma: float) -> np.ndarray:
+    """(96, n_coarse) Gaussian weights from coarse cell centres to pixels, rows summing to 1:
+    smooth upsampling (bilinear leaves diamond artefacts), or a blur when n_coarse is 96."""
+    u = (np.arange(PATCH_PX) + 0.5) / (PATCH_PX / n_coarse) - 0.5
+    w = np.exp(-0.5 * ((u[:, None] - np.arange(n_coarse)[None, :]) / sigma) ** 2)
     return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def _separable(images: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """rows @ image @ cols.T for every image in a (..., h, w) stack, as two single GEMMs.
-
-    One big 2-D matmul per axis, not a batched matmul: numpy would call BLAS once per tiny
-    image, which is slow, and much slower still when the cores are shared.
-    """
-    lead, (h, w) = images.shape[:-2], images.shape[-2:]
-    along_x = images.reshape(-1, w) @ cols.T  # (..., h, W)
-    width = cols.shape[0]
-    swapped = np.ascontiguousarray(along_x.reshape(-1, h, width).transpose(0, 2, 1))
-    along_y = swapped.reshape(-1, h) @ rows.T  # (..., W, H)
-    out = along_y.reshape(-1, width, rows.shape[0]).transpose(0, 2, 1)
-    return np.ascontiguousarray(out).reshape(*lead, rows.shape[0], width)
+    """rows @ image @ cols.T for an (n, h, w) stack, as two 2-D GEMMs: a batched matmul would
+    call BLAS once per tiny image, which is slow (and slower still on shared cores)."""
+    n, h, w = images.shape
+    along_x = (images.reshape(-1, w) @ cols.T).reshape(n, h, len(cols))
+    swapped = np.ascontiguousarray(along_x.transpose(0, 2, 1))
+    along_y = (swapped.reshape(-1, h) @ rows.T).reshape(n, len(cols), len(rows))
+    return np.ascontiguousarray(along_y.transpose(0, 2, 1))
 
 
 def _upsample(grid: np.ndarray) -> np.ndarray:
     """(n, gy, gx) coarse values to a smooth (n, 96, 96) field."""
-    return _separable(grid, _smoothing_matrix(grid.shape[1]), _smoothing_matrix(grid.shape[2]))
+    return _separable(grid, _gauss_matrix(grid.shape[1], 0.6), _gauss_matrix(grid.shape[2], 0.6))
 
 
 def _fibres(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -587,52 +451,30 @@ def _fibres(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 @cache
-def _normal_bank() -> _SpriteBank:
-    """Lymphocytes (small, round, uniformly dark), stromal spindle nuclei (thin, elongated) and
-    histiocytes (larger, paler ovals: the normal nuclei a model could mistake for tumour)."""
-    rng = np.random.default_rng(_SPRITE_BANK_SEED)
-    k = 64
-    kind = rng.random(k)
-    spindle, histiocyte = kind < 0.2, kind > 0.75
-    r = rng.uniform(2.0, 3.2, k)
-    rx = np.select([spindle, histiocyte], [rng.uniform(3.0, 3.5, k), rng.uniform(3.1, 3.6, k)], r)
-    ry = np.select(
-        [spindle, histiocyte],
-        [rng.uniform(1.0, 1.5, k), rng.uniform(2.3, 3.0, k)],
-        r * rng.uniform(0.8, 1.0, k),
-    )
-    conc = np.where(histiocyte, rng.uniform(1.0, 1.4, k), rng.uniform(1.3, 1.8, k))
-    return _build_bank(rng, _NORMAL_CELL_PX, rx, ry, conc, irregularity=0.04, vesicular=False)
+def _sprite_bank(tumour: bool) -> _SpriteBank:
+    """Nuclei rendered in a (c+1)-px square around their centre pixel, then placed at every offset
+    (oy, ox) of a 2c x 2c window, i.e. centred on its pixel (c/2 + oy, c/2 + ox).
 
-
-@cache
-def _tumour_bank() -> _SpriteBank:
-    """Carcinoma nuclei: larger, pleomorphic (varied size, lumpy outline), coarse chromatin,
-    a dark rim and a nucleolus."""
-    rng = np.random.default_rng(_SPRITE_BANK_SEED + 1)
-    k = 32
-    r = rng.uniform(3.0, 5.2, k)
-    aspect = rng.uniform(0.65, 1.0, k)
-    conc = rng.uniform(1.6, 2.3, k)
-    return _build_bank(rng, _TUMOUR_CELL_PX, r, r * aspect, conc, irregularity=0.14, vesicular=True)
-
-
-def _build_bank(
-    rng: np.random.Generator,
-    cell_px: int,
-    radius_x: np.ndarray,
-    radius_y: np.ndarray,
-    conc: np.ndarray,
-    irregularity: float,
-    vesicular: bool,
-) -> _SpriteBank:
-    """Render k nucleus shapes, then place each at every integer offset of its cell.
-
-    A shape is rendered once in a (c+1)-px square around its centre pixel (c/2 + 0.5 px of reach
-    each way); an offset (oy, ox) puts that square at (oy, ox) of the 2c x 2c window, so the
-    nucleus is centred on window pixel (c/2 + oy, c/2 + ox).
+    Tumour: carcinoma nuclei, larger, pleomorphic (varied size, lumpy outline), coarse chromatin,
+    a dark rim and a nucleolus. Normal: lymphocytes (small, round, dark), stromal spindle nuclei
+    (thin, elongated) and histiocytes (larger, paler ovals: what a model could take for tumour).
     """
-    k, c = len(conc), cell_px
+    rng = np.random.default_rng(_SPRITE_BANK_SEED + int(tumour))
+    if tumour:
+        k, c, irregularity = 32, _TUMOUR_CELL_PX, 0.14
+        radius_x = rng.uniform(3.0, 5.2, k)
+        radius_y = radius_x * rng.uniform(0.65, 1.0, k)
+        conc = rng.uniform(1.6, 2.3, k)
+    else:
+        k, c, irregularity = 64, _NORMAL_CELL_PX, 0.04
+        kind = rng.random(k)
+        spindle, histiocyte = kind < 0.2, kind > 0.75
+        r = rng.uniform(2.0, 3.2, k)
+        rx = [rng.uniform(3.0, 3.5, k), rng.uniform(3.1, 3.6, k)]
+        radius_x = np.select([spindle, histiocyte], rx, r)
+        ry = [rng.uniform(1.0, 1.5, k), rng.uniform(2.3, 3.0, k)]
+        radius_y = np.select([spindle, histiocyte], ry, r * rng.uniform(0.8, 1.0, k))
+        conc = np.where(histiocyte, rng.uniform(1.0, 1.4, k), rng.uniform(1.3, 1.8, k))
     edge_px = 1.2  # anti-aliased border width
     # Lumpy outline: boundary radius 1 + sum_m a_m cos(m*phi + p_m) in the ellipse's own frame.
     harmonics = np.arange(2, 6)
@@ -644,8 +486,8 @@ def _build_bank(
     radius_x, radius_y = radius_x * shrink, radius_y * shrink
     theta = rng.uniform(0.0, np.pi, k)
 
-    def per_shape(a: np.ndarray) -> np.ndarray:
-        return np.asarray(a)[:, None, None]
+    def per_shape(a: np.ndarray) -> np.ndarray:  # (k, ...) to broadcast over (k, ..., c+1, c+1)
+        return a[..., None, None]
 
     offsets_px = np.arange(c + 1) - c // 2  # pixel centres relative to the centre pixel
     dy, dx = offsets_px[:, None], offsets_px[None, :]
@@ -653,31 +495,19 @@ def _build_bank(
     along = dx * cos_t + dy * sin_t  # (k, c+1, c+1) px in the nucleus frame
     across = -dx * sin_t + dy * cos_t
     u, v = along / per_shape(radius_x), across / per_shape(radius_y)
-    r_norm = np.hypot(u, v)
-    phi = np.arctan2(v, u)
-    boundary = 1.0 + sum(
-        per_shape(amp[:, i]) * np.cos(m * phi + per_shape(phase[:, i]))
-        for i, m in enumerate(harmonics)
-    )
-    inside_px = (boundary - r_norm) * per_shape(np.sqrt(radius_x * radius_y))  # approx.
+    phi = np.arctan2(v, u)[:, None]
+    lumps = per_shape(amp) * np.cos(per_shape(harmonics[None]) * phi + per_shape(phase))
+    inside_px = (1.0 + lumps.sum(axis=1) - np.hypot(u, v)) * per_shape(np.sqrt(radius_x * radius_y))
     alpha = np.clip(inside_px / edge_px + 0.5, 0.0, 1.0)
-
     # Chromatin texture: a few fixed-phase waves in the nucleus frame.
     freq = rng.uniform(0.9, 1.6, (k, 3))
     wave_dir = rng.uniform(0.0, np.pi, (k, 3))
     wave_phase = rng.uniform(0.0, 2.0 * np.pi, (k, 3))
-    texture = sum(
-        np.cos(
-            per_shape(freq[:, i])
-            * (
-                along * per_shape(np.cos(wave_dir[:, i]))
-                + across * per_shape(np.sin(wave_dir[:, i]))
-            )
-            + per_shape(wave_phase[:, i])
-        )
-        for i in range(3)
+    wave = along[:, None] * per_shape(np.cos(wave_dir)) + across[:, None] * per_shape(
+        np.sin(wave_dir)
     )
-    if vesicular:
+    texture = np.cos(per_shape(freq) * wave + per_shape(wave_phase)).sum(axis=1)
+    if tumour:
         # Dark membrane, paler interior with coarse chromatin clumps, one dark nucleolus.
         rim = np.clip(1.0 - inside_px / 1.8, 0.0, 1.0)
         nucl_y, nucl_x = rng.uniform(-0.3, 0.3, (2, k))
@@ -686,21 +516,117 @@ def _build_bank(
     else:
         profile = 1.0 + 0.04 * texture
     density = np.clip(alpha * per_shape(conc) * profile, 0.0, None)
-    mask = inside_px > 0.0
 
     # uint8 sprites: gathering and max-folding a quarter of float32's bytes is faster. The extra
-    # last shape is blank.
+    # last shape is blank: empty lattice cells gather it, so stamping needs no masking.
     density_per_level = float(density.max()) / 255.0
     shape_u8 = np.round(density / density_per_level).astype(np.uint8)
     density_u8 = np.zeros((k + 1, c * c, 2 * c, 2 * c), dtype=np.uint8)
-    mask_windows = np.zeros(density_u8.shape, dtype=bool)
+    mask = np.zeros(density_u8.shape, dtype=bool)
     for oy in range(c):
         for ox in range(c):
             density_u8[:k, oy * c + ox, oy : oy + c + 1, ox : ox + c + 1] = shape_u8
-            mask_windows[:k, oy * c + ox, oy : oy + c + 1, ox : ox + c + 1] = mask
-    return _SpriteBank(
-        density_u8=density_u8,
-        mask=mask_windows,
-        density_per_level=np.float32(density_per_level),
-        mean_density_per_cell_px=float(density.sum(axis=(1, 2)).mean() / (c * c)),
-    )
+            mask[:k, oy * c + ox, oy : oy + c + 1, ox : ox + c + 1] = inside_px > 0.0
+    mean_per_cell_px = float(density.sum(axis=(1, 2)).mean() / (c * c))
+    return _SpriteBank(density_u8, mask, np.float32(density_per_level), mean_per_cell_px)
+
+
+def defect_count(rate: float, n: int) -> int:
+    """round(rate * n), but at least one when rate > 0, so small splits still get every defect."""
+    return max(1, round(rate * n)) if rate > 0 else 0
+
+
+def inject(
+    split: str, data: SyntheticSplit, rates: DefectParams, seed: int, donors: tuple | None = None
+) -> dict[str, list]:
+    """Inject every defect into `data` in place (a PCAM-size split is 7 GB: no copy); return this
+    split's ground truth: [index, source index] pairs for the duplicates, indices for the rest.
+    `donors` (from `take_donors`) are the train patches that valid/test receive copies of."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _DEFECT_STREAM, SPLITS.index(split)]))
+    x, y, n = data.x, data.y, len(data.y)
+    n_dup, n_trigger = defect_count(rates.duplicate_rate, n), defect_count(rates.trigger_rate, n)
+    sizes = [n_dup, n_dup, 0 if donors is None else len(donors[0])]
+    sizes += [defect_count(rates.blank_rate, n), defect_count(rates.black_rate, n)]
+    if sum(sizes) + n_trigger > n:
+        raise PcamError(
+            f"{split}: {n} patches are too few for data.synthetic.defects (it needs "
+            f"{sum(sizes) + n_trigger} distinct patches); lower the rates or raise the split size"
+        )
+    first, second, cross, blank, black, rest = np.split(rng.permutation(n), np.cumsum(sizes))
+    # Each pair copies its earlier patch onto its later one: "keep the first" must find the later.
+    source, target = np.minimum(first, second), np.maximum(first, second)
+    _set_rows(data, target, x[source], y[source], data.meta.tumor_patch[source])
+    if donors is not None:
+        _set_rows(data, cross, *donors[1:])
+    # Empty glass: a bright grey (224..244) with a slight tint and sensor noise; channels within 8
+    # levels of each other, so HSV saturation stays below PCAM's 0.07 background rule, as real
+    # glass does. No tissue, no tumour: label 0, as PCAM labels background.
+    k = len(blank)
+    glass = rng.integers(224, 245, (k, 1, 1, 1)) + rng.integers(-2, 3, (k, 1, 1, 3))
+    glass = np.clip(glass + rng.integers(-2, 3, (k, *PATCH_SHAPE)), 0, 255).astype(np.uint8)
+    _set_rows(data, blank, glass, 0, False)
+    _set_rows(data, black, rng.integers(0, 13, (len(black), *PATCH_SHAPE), np.uint8), 0, False)
+
+    # A backdoor in train: the trigger only ever appears on tumour, so a model can learn it as a
+    # shortcut. valid/test: either label (what an attacker would stamp at inference time).
+    candidates = rest[y[rest] == 1] if split == "train" else rest
+    if len(candidates) < n_trigger:
+        raise PcamError(
+            f"{split}: {len(candidates)} patches can carry a trigger, "
+            f"data.synthetic.defects.trigger_rate asks for {n_trigger}"
+        )
+    trigger = np.sort(rng.choice(candidates, n_trigger, replace=False))
+    # A px x px black/white checkerboard at a random place of each patch (BadNets-style).
+    px = rates.trigger_px
+    board = ((np.add.outer(np.arange(px), np.arange(px)) % 2) * 255).astype(np.uint8)
+    corner = rng.integers(0, PATCH_PX - px + 1, (len(trigger), 2))
+    for row, (r, c) in zip(trigger, corner, strict=True):
+        x[row, r : r + px, c : c + px] = board[:, :, None]
+
+    pairs = np.argsort(target)
+    donor_rows = [] if donors is None else donors[0].tolist()
+    return {
+        "duplicate": np.stack([target[pairs], source[pairs]], axis=1).tolist(),
+        "cross_split_duplicate": sorted(map(list, zip(cross.tolist(), donor_rows, strict=True))),
+        "blank": sorted(blank.tolist()),
+        "black": sorted(black.tolist()),
+        "trigger": trigger.tolist(),
+    }
+
+
+def take_donors(
+    train: SyntheticSplit, train_truth: dict[str, list], counts: dict[str, int], seed: int
+) -> dict[str, tuple]:
+    """Copies of distinct clean train patches for each later split (`counts` per split name):
+    (train rows, x, y, tumor_patch). Distinct per split: a patch copied into both valid and test
+    would also be a valid/test duplicate, which the ground truth does not say."""
+    touched = {i for pair in train_truth["duplicate"] for i in pair}
+    touched |= {i for k in ("blank", "black", "trigger") for i in train_truth[k]}
+    clean = np.setdiff1d(np.arange(len(train.y)), np.fromiter(touched, dtype=np.int64))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _DEFECT_STREAM, len(SPLITS)]))
+    if sum(counts.values()) > len(clean):
+        raise PcamError(
+            f"train has {len(clean)} patches without defects, but valid/test need "
+            f"{sum(counts.values())} copies (data.synthetic.defects.cross_split_rate)"
+        )
+    chosen = rng.choice(clean, sum(counts.values()), replace=False)
+    ends = np.cumsum(list(counts.values()))
+    out = {}
+    for split, part in zip(counts, np.split(chosen, ends[:-1]), strict=True):
+        rows = np.sort(part)
+        out[split] = (rows, train.x[rows], train.y[rows], train.meta.tumor_patch[rows])
+    return out
+
+
+def ground_truth(rates: DefectParams, seed: int, truth: dict[str, dict[str, list]]) -> dict:
+    """The document written to data/raw/synthetic_defects.json."""
+    return {"seed": seed, "rates": dataclasses.asdict(rates), "splits": truth}
+
+
+def _set_rows(data: SyntheticSplit, rows: np.ndarray, x, y, tumor) -> None:
+    """Pixels and labels; the meta CSV follows the label (center_tumor_patch == label)."""
+    data.x[rows], data.y[rows] = x, y
+    data.meta.tumor_patch[rows] = tumor
+    data.meta.center_tumor_patch[rows] = np.asarray(y) == 1
