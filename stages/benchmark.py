@@ -7,6 +7,7 @@ measured in this one run, so ratios hold even on a noisy shared machine.
 """
 
 import dataclasses
+import itertools
 from functools import partial
 from pathlib import Path
 
@@ -57,23 +58,19 @@ def main() -> None:
     inference, training = {}, {}
     for device in devices:
         precisions = ["fp32"] + (["bf16"] if full and bench.bf16_supported(device) else [])
-        for precision in precisions:
-            for channels_last in (True, False):
-                for compiled in (False, True) if full else (False,):
-                    name = (
-                        f"{device.type}_{precision}_{'cl' if channels_last else 'nchw'}"
-                        f"{'_compiled' if compiled else ''}"
-                    )
-                    for bs in p.batch_sizes:
-                        r = bench.time_inference(
-                            model, bs, p.warmup, repeats, device, precision, channels_last, compiled
-                        )
-                        inference[f"{name}_bs{bs}"] = r
-                        rows.append((f"infer_{name}", bs, r["images_per_s"]))
-                        print(
-                            f"benchmark: infer {name:24s} bs {bs:4d}: {r['images_per_s']:9.0f} "
-                            f"img/s, p50 {r['latency_ms_p50']:.2f} ms"
-                        )
+        configs = itertools.product(precisions, ("cl", "nchw"), (False, True) if full else (False,))
+        for precision, layout, compiled in configs:
+            name = f"{device.type}_{precision}_{layout}{'_compiled' if compiled else ''}"
+            for bs in p.batch_sizes:
+                r = bench.time_inference(
+                    model, bs, p.warmup, repeats, device, precision, layout == "cl", compiled
+                )
+                inference[f"{name}_bs{bs}"] = r
+                rows.append((f"infer_{name}", bs, r["images_per_s"]))
+                print(
+                    f"benchmark: infer {name:24s} bs {bs:4d}: {r['images_per_s']:9.0f} "
+                    f"img/s, p50 {r['latency_ms_p50']:.2f} ms"
+                )
         for bs in p.batch_sizes if full else p.train_batch_sizes:
             r = bench.time_train_step(
                 dataclasses.replace(tp, batch_size=bs), p.warmup, repeats, device

@@ -52,27 +52,26 @@ def headline(report: dict) -> dict:
     return out
 
 
-def write_pngs(curves: dict) -> None:
-    def pick(kind, x, y):
-        return {split: (c[kind][x], c[kind][y]) for split, c in curves.items()}
-
-    curve_png(
-        PLOTS / "roc.png",
-        pick("roc", "fpr", "tpr"),
-        "false positive rate",
-        "sensitivity (true positive rate)",
-        "ROC",
-        diagonal=True,
-    )
-    curve_png(PLOTS / "pr.png", pick("pr", "recall", "precision"), "recall", "precision", "PR")
-    curve_png(
-        PLOTS / "calibration.png",
-        pick("calibration", "mean_predicted", "fraction_positive"),
+# PNG copies of the DVC plots: (curve, x, y, x label, y label, title, diagonal)
+PNGS = (
+    ("roc", "fpr", "tpr", "false positive rate", "sensitivity (true positive rate)", "ROC", True),
+    ("pr", "recall", "precision", "recall", "precision", "PR", False),
+    (
+        "calibration",
+        "mean_predicted",
+        "fraction_positive",
         "mean predicted probability",
         "fraction positive",
         "calibration",
-        diagonal=True,
-    )
+        True,
+    ),
+)
+
+
+def write_pngs(curves: dict) -> None:
+    for kind, x, y, xlabel, ylabel, title, diagonal in PNGS:
+        xy = {split: (c[kind][x], c[kind][y]) for split, c in curves.items()}
+        curve_png(PLOTS / f"{kind}.png", xy, xlabel, ylabel, title, diagonal=diagonal)
     test = curves["test"]["threshold"]
     curve_png(
         PLOTS / "threshold_test.png",
