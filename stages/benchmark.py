@@ -1,17 +1,14 @@
-"""benchmark stage: inference, training-step, training-loop and data-delivery throughput.
-
-Run by DVC (`dvc repro benchmark`); `benchmark.profile: full` runs the long version. It times the
-code and the architecture, not trained weights: the model is freshly initialised, and only the
-train params that change the work are read (pcam.benchmark.TIMED_TRAIN_PARAMS), so an lr or seed
-experiment does not re-run it. Timings are the pipeline's only non-deterministic outputs. Every
-configuration is measured in this one run, so ratios hold even on a noisy shared machine.
-
-Outputs: metrics/benchmark.json (four headline figures: `dvc metrics diff` shows them when the
-benchmark re-ran), metrics/details/benchmark.json (every configuration, the interleaved rounds,
-machine, versions), plots/benchmark/throughput.csv (a DVC plot) and plots/benchmark/scaling.png.
+"""benchmark stage (`dvc repro benchmark`): inference, training-step, training-loop and
+data-delivery throughput, and the cost of the CPU numerics pins; `benchmark.profile: full` runs the
+long version. It times code and architecture on fresh weights and reads only the train params
+that change the work (pcam.benchmark.TIMED_TRAIN_PARAMS), so an lr or seed experiment does not
+re-run it. Timings are the pipeline's only non-deterministic outputs; every configuration is
+measured in this one run, so ratios hold even on a noisy shared machine.
 """
 
 import dataclasses
+import itertools
+from functools import partial
 from pathlib import Path
 
 import pcam  # noqa: F401  (first: pins the CPU numerics before numpy and torch load)
@@ -38,10 +35,6 @@ DETAILS = Path("metrics/details/benchmark.json")
 PLOTS = Path("plots/benchmark")
 
 
-def devices() -> list[torch.device]:
-    return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-
-
 @exit_on_user_error
 def main() -> None:
     params = load_params()
@@ -59,28 +52,25 @@ def main() -> None:
     f, ds = h5io.open_dataset(x_path, "x")
     with f:
         n_train = ds.shape[0]
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 
-    rows = []  # one row per (configuration, batch size): the throughput plot
+    rows = []  # (configuration, batch size, images/s): the throughput plot
     inference, training = {}, {}
-    for device in devices():
+    for device in devices:
         precisions = ["fp32"] + (["bf16"] if full and bench.bf16_supported(device) else [])
-        for precision in precisions:
-            for channels_last in (True, False):
-                for compiled in (False, True) if full else (False,):
-                    name = (
-                        f"{device.type}_{precision}_{'cl' if channels_last else 'nchw'}"
-                        f"{'_compiled' if compiled else ''}"
-                    )
-                    for bs in p.batch_sizes:
-                        r = bench.time_inference(
-                            model, bs, p.warmup, repeats, device, precision, channels_last, compiled
-                        )
-                        inference[f"{name}_bs{bs}"] = r
-                        rows.append((f"infer_{name}", bs, r["images_per_s"]))
-                        print(
-                            f"benchmark: infer {name:24s} bs {bs:4d}: {r['images_per_s']:9.0f} "
-                            f"img/s, p50 {r['latency_ms_p50']:.2f} ms"
-                        )
+        configs = itertools.product(precisions, ("cl", "nchw"), (False, True) if full else (False,))
+        for precision, layout, compiled in configs:
+            name = f"{device.type}_{precision}_{layout}{'_compiled' if compiled else ''}"
+            for bs in p.batch_sizes:
+                r = bench.time_inference(
+                    model, bs, p.warmup, repeats, device, precision, layout == "cl", compiled
+                )
+                inference[f"{name}_bs{bs}"] = r
+                rows.append((f"infer_{name}", bs, r["images_per_s"]))
+                print(
+                    f"benchmark: infer {name:24s} bs {bs:4d}: {r['images_per_s']:9.0f} "
+                    f"img/s, p50 {r['latency_ms_p50']:.2f} ms"
+                )
         for bs in p.batch_sizes if full else p.train_batch_sizes:
             r = bench.time_train_step(
                 dataclasses.replace(tp, batch_size=bs), p.warmup, repeats, device
@@ -91,35 +81,19 @@ def main() -> None:
 
     # Data delivery, HDF5 -> normalised batches, on the same file in the same run.
     n = min(p.loader_patches, n_train)
-    delivery = {
-        "ours": bench.summary(
-            bench.timed(
-                bench.loader_ours(x_path, n, tp.batch_size, mean, std),
-                1,
-                repeats,
-                torch.device("cpu"),
-            ),
-            n,
-        ),
-    }
+    ours = partial(bench.batches_ours, x_path, n, tp.batch_size, mean, std)
+    delivery = {"ours": bench.time_delivery(ours, n, 1, repeats)}
     for workers in (0, p.loader_workers):
-        run = bench.loader_naive(x_path, n, tp.batch_size, workers, mean, std)
-        delivery[f"naive_workers{workers}"] = bench.summary(
-            bench.timed(run, 0, max(1, repeats // 3), torch.device("cpu")), n
-        )
+        naive = partial(bench.batches_naive, x_path, n, tp.batch_size, workers, mean, std)
+        delivery[f"naive_workers{workers}"] = bench.time_delivery(naive, n, 0, max(1, repeats // 3))
     best_naive = max(v["images_per_s"] for k, v in delivery.items() if k.startswith("naive"))
     for k, v in delivery.items():
         print(f"benchmark: data delivery {k:16s}: {v['images_per_s']:9.0f} img/s")
 
     # The real training loop (CPU) vs the same steps on a pre-made batch.
     m = min(p.train_loop_patches, n_train)
-    labels = h5io.read_labels(y_path)
-    loop_split = Split(
-        "train",
-        torch.from_numpy(read_x(x_path, np.arange(m))),
-        torch.from_numpy(labels[:m]),
-        np.arange(m),
-    )
+    x, y = read_x(x_path, np.arange(m)), h5io.read_labels(y_path)[:m]
+    loop_split = Split("train", torch.from_numpy(x), torch.from_numpy(y), np.arange(m))
     v = min(256, m)
     valid_small = Split("valid", loop_split.x[:v], loop_split.y[:v], loop_split.index[:v])
     loop = bench.compare_loop_to_premade(tp, loop_split, valid_small, mean, std, repeats)
@@ -138,49 +112,34 @@ def main() -> None:
         f"{repeats} interleaved rounds, {pins['cost_min']:.1%} to {pins['cost_max']:.1%})"
     )
 
-    best = max(inference.items(), key=lambda kv: kv[1]["images_per_s"])
-    write_csv(
-        PLOTS / "throughput.csv",
-        {
-            "configuration": [r[0] for r in rows],
-            "batch_size": [r[1] for r in rows],
-            "images_per_s": np.asarray([r[2] for r in rows], dtype=np.float64),
-        },
-        float_format="{:.1f}",
-    )
+    names = ("configuration", "batch_size", "images_per_s")
+    columns = dict(zip(names, zip(*rows, strict=True), strict=True))
+    write_csv(PLOTS / "throughput.csv", columns, float_format="{:.1f}")
     configs = sorted({r[0] for r in rows})
     curve_png(
         PLOTS / "scaling.png",
-        {
-            c: (
-                np.array([r[1] for r in rows if r[0] == c]),
-                np.array([r[2] for r in rows if r[0] == c]),
-            )
-            for c in configs
-        },
+        {c: np.array([r[1:] for r in rows if r[0] == c]).T for c in configs},  # (sizes, rates)
         "batch size",
         "images/s",
         "throughput by batch size",
         log_x=True,
         unit_square=False,
     )
+    best = max(inference.items(), key=lambda kv: kv[1]["images_per_s"])
     headline = {
         "train_loop_images_per_s": loop["loop_images_per_s"],
         "train_loop_overhead": loop["overhead"],
         "best_inference_images_per_s": best[1]["images_per_s"],
         "cpu_pins_cost": pins["cost"],
     }
+    batch1 = inference["cpu_fp32_cl_bs1"]["latency_ms_p50"] if p.batch_sizes[0] == 1 else None
     write_json(METRICS, headline)
     write_json(
         DETAILS,
         headline
         | {
             "best_inference_configuration": best[0],
-            "batch1_latency_ms_p50": inference[f"cpu_fp32_cl_bs{p.batch_sizes[0]}"][
-                "latency_ms_p50"
-            ]
-            if p.batch_sizes[0] == 1
-            else None,
+            "batch1_latency_ms_p50": batch1,
             "train_step_images_per_s": loop["premade_images_per_s"],
             "loader_speedup_vs_naive": delivery["ours"]["images_per_s"] / best_naive,
             "inference": inference,
@@ -188,7 +147,7 @@ def main() -> None:
             "train_loop_vs_premade": loop,
             "cpu_pins": pins,
             "data_delivery": delivery,
-            "machine": machine_info(devices()[-1])
+            "machine": machine_info(devices[-1])
             | {"versions": library_versions(), "threads": p.threads},
             "params": declared_params("benchmark"),
             "train_params_timed": to_dict(tp),

@@ -1,11 +1,7 @@
-"""evaluate stage: predict valid and test, choose the threshold on valid, score, plot.
-
-Run by DVC (`dvc repro evaluate`). The only stage that runs the model on the test split.
-Outputs: data/predictions/{valid,test}.npz (index, probability, label), models/threshold.json
-(the decision threshold, kept next to the model for `python -m pcam.predict`), metrics/eval.json
-(the headline: threshold, valid and test quality with CIs, what `dvc metrics diff` compares),
-metrics/details/eval.json (every metric, also without validate-data's exclusions, and provenance)
-and the DVC plots in plots/eval/ (+ PNG copies for people reading the repo without DVC).
+"""evaluate stage (`dvc repro evaluate`): predict valid and test, choose the threshold on valid,
+score, plot. The only stage that runs the model on the test split. models/threshold.json sits next
+to the model for `python -m pcam.predict`; metrics/details/eval.json also scores each split without
+validate-data's exclusions; plots/eval/ has PNG copies for people reading the repo without DVC.
 """
 
 from pathlib import Path
@@ -38,11 +34,6 @@ DETAILS = Path("metrics/details/eval.json")
 PLOTS = Path("plots/eval")
 
 
-def write_predictions(path: Path, index: np.ndarray, prob: np.ndarray, label: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, index=index, probability=prob, label=label)
-
-
 # The headline: what a user compares across experiments. Valid: the selection metrics; test: the
 # quality at the threshold chosen on valid. Flat keys (test.f2_ci_low), so `dvc exp show` columns
 # stay narrow and `--drop _ci_` hides the intervals.
@@ -61,42 +52,27 @@ def headline(report: dict) -> dict:
     return out
 
 
-def write_plots(split: str, y: np.ndarray, prob: np.ndarray, threshold: float, bins: int) -> dict:
-    roc = metrics.roc_points(y, prob)
-    pr = metrics.pr_points(y, prob)
-    cal = metrics.calibration_points(y, prob, bins)
-    sweep = metrics.threshold_sweep(y, prob)
-    write_csv(PLOTS / f"roc_{split}.csv", roc)
-    write_csv(PLOTS / f"pr_{split}.csv", pr)
-    write_csv(PLOTS / f"calibration_{split}.csv", cal)
-    write_csv(PLOTS / f"threshold_{split}.csv", sweep)
-    pred = (prob >= threshold).astype(int)
-    write_csv(PLOTS / f"confusion_{split}.csv", {"actual": y.astype(int), "predicted": pred})
-    return {"roc": roc, "pr": pr, "cal": cal, "sweep": sweep}
-
-
-def write_pngs(curves: dict) -> None:
-    def pick(kind, x, y):
-        return {split: (c[kind][x], c[kind][y]) for split, c in curves.items()}
-
-    curve_png(
-        PLOTS / "roc.png",
-        pick("roc", "fpr", "tpr"),
-        "false positive rate",
-        "sensitivity (true positive rate)",
-        "ROC",
-        diagonal=True,
-    )
-    curve_png(PLOTS / "pr.png", pick("pr", "recall", "precision"), "recall", "precision", "PR")
-    curve_png(
-        PLOTS / "calibration.png",
-        pick("cal", "mean_predicted", "fraction_positive"),
+# PNG copies of the DVC plots: (curve, x, y, x label, y label, title, diagonal)
+PNGS = (
+    ("roc", "fpr", "tpr", "false positive rate", "sensitivity (true positive rate)", "ROC", True),
+    ("pr", "recall", "precision", "recall", "precision", "PR", False),
+    (
+        "calibration",
+        "mean_predicted",
+        "fraction_positive",
         "mean predicted probability",
         "fraction positive",
         "calibration",
-        diagonal=True,
-    )
-    test = curves["test"]["sweep"]
+        True,
+    ),
+)
+
+
+def write_pngs(curves: dict) -> None:
+    for kind, x, y, xlabel, ylabel, title, diagonal in PNGS:
+        xy = {split: (c[kind][x], c[kind][y]) for split, c in curves.items()}
+        curve_png(PLOTS / f"{kind}.png", xy, xlabel, ylabel, title, diagonal=diagonal)
+    test = curves["test"]["threshold"]
     curve_png(
         PLOTS / "threshold_test.png",
         {k: (test["threshold"], test[k]) for k in ("f2", "sensitivity", "specificity")},
@@ -120,7 +96,8 @@ def main() -> None:
         data = load_split(RAW_DIR, split)
         prob = sigmoid(predict_logits(model, data.x, mean, std, p.batch_size))
         preds[split] = (data.index, prob, data.y.numpy().astype(np.int64))
-        write_predictions(PREDICTIONS / f"{split}.npz", *preds[split])
+        with atomic_path(PREDICTIONS / f"{split}.npz") as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, index=data.index, probability=prob, label=preds[split][2])
 
     # Threshold from valid only; test is scored once at that threshold.
     threshold = metrics.choose_threshold(preds["valid"][2], preds["valid"][1], p.threshold)
@@ -132,7 +109,15 @@ def main() -> None:
         report[split] = metrics.metrics_with_ci(
             y, prob, threshold, p.bootstrap_resamples, p.bootstrap_seed
         )
-        curves[split] = write_plots(split, y, prob, threshold, p.calibration_bins)
+        curves[split] = {
+            "roc": metrics.roc_points(y, prob),
+            "pr": metrics.pr_points(y, prob),
+            "calibration": metrics.calibration_points(y, prob, p.calibration_bins),
+            "threshold": metrics.threshold_sweep(y, prob),
+            "confusion": {"actual": y.astype(int), "predicted": (prob >= threshold).astype(int)},
+        }
+        for kind, columns in curves[split].items():
+            write_csv(PLOTS / f"{kind}_{split}.csv", columns)
         # The same split minus what validate-data flagged (duplicates, blanks, triggers...).
         keep = ~np.isin(index, load_excluded(EXCLUSIONS, split))
         if not keep.all():
@@ -141,12 +126,7 @@ def main() -> None:
             )
     write_pngs(curves)
     write_json(
-        THRESHOLD,
-        {
-            "threshold": threshold,
-            "rule": str(p.threshold),
-            "model_md5": md5_file(MODEL),
-        },
+        THRESHOLD, {"threshold": threshold, "rule": str(p.threshold), "model_md5": md5_file(MODEL)}
     )
     report["provenance"] = provenance("evaluate", p.bootstrap_seed, inputs=[MODEL, EXCLUSIONS])
     write_json(DETAILS, report)

@@ -1,10 +1,8 @@
-"""slice stage: metrics on test slices where the model may fail silently.
+"""slice stage (`dvc repro slice`): metrics on test slices where the model may fail silently.
 
-Run by DVC (`dvc repro slice`). Reads the saved predictions (never re-runs the model), the threshold
-and global test metrics from metrics/eval.json, plus the raw test patches and meta CSV for the
-slice definitions. Writes metrics/slices.json (the headline: the worst slice's F2 gap),
-metrics/details/slices.json (every slice with CIs, warnings, provenance) and error galleries: the
-most confident false negatives/positives overall and in the worst slice (plots/slices/*.png).
+Reads evaluate's saved predictions and metrics (never re-runs the model), the raw test patches and
+meta CSV; writes every slice's scores, the worst slice's F2 gap (the headline) and galleries of
+the most confident false negatives/positives, overall and in the worst slice.
 """
 
 import json
@@ -23,13 +21,7 @@ from pcam.metrics import CI_METRICS
 from pcam.params import load_params
 from pcam.plots import patch_grid
 from pcam.provenance import provenance
-from pcam.slicing import (
-    META_SLICES,
-    confident_errors,
-    define_slices,
-    patch_features,
-    score_slice,
-)
+from pcam.slicing import META_SLICES, confident_errors, define_slices, patch_features, score_slice
 
 RAW_DIR = Path("data/raw")
 PREDICTIONS = Path("data/predictions/test.npz")
@@ -37,11 +29,6 @@ EVAL = Path("metrics/eval.json")
 METRICS = Path("metrics/slices.json")
 DETAILS = Path("metrics/details/slices.json")
 PLOTS = Path("plots/slices")
-
-
-def gallery(path: Path, x, y, prob, positions, title: str, index) -> None:
-    captions = [f"#{index[i]} p={prob[i]:.2f} y={y[i]}" for i in positions]
-    patch_grid(path, x[positions], captions, title)
 
 
 @exit_on_user_error
@@ -85,30 +72,18 @@ def main() -> None:
     ]
     worst = max(gaps, key=gaps.get) if gaps else None
 
-    everything = np.ones(len(y), dtype=bool)
-    for name, mask in (("overall", everything), ("worst_slice", masks.get(worst))):
+    for name, mask in (("overall", np.ones(len(y), bool)), ("worst_slice", masks.get(worst))):
         if mask is None:
             continue
-        fn, fp = confident_errors(y, prob, threshold, mask, p.gallery_size)
+        errors = confident_errors(y, prob, threshold, mask, p.gallery_size)
         label = name if name == "overall" else f"worst slice ({worst})"
-        gallery(
-            PLOTS / f"false_negatives_{name}.png",
-            x,
-            y,
-            prob,
-            fn,
-            f"most confident false negatives, {label}",
-            index,
-        )
-        gallery(
-            PLOTS / f"false_positives_{name}.png",
-            x,
-            y,
-            prob,
-            fp,
-            f"most confident false positives, {label}",
-            index,
-        )
+        for kind, positions in zip(("negatives", "positives"), errors, strict=True):
+            patch_grid(
+                PLOTS / f"false_{kind}_{name}.png",
+                x[positions],
+                [f"#{index[i]} p={prob[i]:.2f} y={y[i]}" for i in positions],
+                f"most confident false {kind}, {label}",
+            )
 
     write_json(METRICS, {"worst_f2_gap": gaps[worst]} if worst else {})
     write_json(

@@ -1,9 +1,8 @@
 """Throughput and latency, measured side by side in one run. Never estimated, never asserted.
 
-Method: warm-up iterations are excluded (allocator, kernel selection, compilation); timed regions
-are bracketed by a device synchronize, so asynchronous CUDA work is counted where it happens;
-each figure is the median over `repeats` with the interquartile range as spread; the thread
-count is pinned by the caller and recorded with the machine.
+Warm-up iterations are excluded (allocator, kernel selection, compilation); timed regions end
+with a device synchronize, so asynchronous CUDA work counts where it happens; each figure is the
+median over `repeats` with the interquartile range as spread; the caller pins the thread count.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import h5py
@@ -68,7 +67,6 @@ FIXED_TRAIN_PARAMS = {
 
 
 def timed_train_params(p: TrainParams, threads: int) -> TrainParams:
-    """`p` with everything but TIMED_TRAIN_PARAMS fixed, on `threads` threads."""
     return dataclasses.replace(p, **FIXED_TRAIN_PARAMS, threads=threads)
 
 
@@ -93,8 +91,7 @@ def timed(fn: Callable[[], object], warmup: int, repeats: int, device: torch.dev
 
 def summary(seconds: np.ndarray, items_per_call: int) -> dict[str, float]:
     """Median throughput, its spread (IQR of per-call throughput) and latency percentiles."""
-    rate = items_per_call / seconds
-    q1, q3 = np.percentile(rate, [25, 75])
+    q1, q3 = np.percentile(items_per_call / seconds, [25, 75])
     return {
         "images_per_s": float(items_per_call / np.median(seconds)),
         "images_per_s_iqr": float(q3 - q1),
@@ -115,13 +112,6 @@ def bf16_supported(device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _prepare(model: nn.Module, device, channels_last: bool, compiled: bool) -> nn.Module:
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if compiled else model
-
-
 def _input(batch_size: int, device, channels_last: bool) -> torch.Tensor:
     x = torch.randn(batch_size, 3, 96, 96, device=device)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -138,7 +128,10 @@ def time_inference(
     compiled: bool = False,
 ) -> dict[str, float]:
     """Forward passes at `batch_size` on resident input (no data loading in the timing)."""
-    net = _prepare(model.eval(), device, channels_last, compiled)
+    net = model.eval().to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    net = torch.compile(net) if compiled else net
     x = _input(batch_size, device, channels_last)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -150,40 +143,31 @@ def time_inference(
     return summary(timed(step, warmup, repeats, device), batch_size)
 
 
-def _step_seconds(
-    p: TrainParams, batch: tuple[torch.Tensor, torch.Tensor], warmup: int, repeats: int, device
-) -> np.ndarray:
+def _step_seconds(p: TrainParams, x, y, warmup: int, repeats: int, device) -> np.ndarray:
     """Seconds per training.Stepper step (forward, backward, grad norm, optimizer, scheduler)
     on one resident batch, after `warmup` untimed steps."""
     from pcam.training import Stepper  # training imports this module's siblings; keep start-up lean
 
     # Sized so a per-step scheduler (onecycle refuses to step past its total) lasts the run.
     stepper = Stepper.build(p, device, steps_per_epoch=-(-(warmup + repeats) // p.epochs))
-    x, y = batch
     return timed(lambda: stepper.step(x, y), warmup, repeats, device)
 
 
 def time_train_step(
     p: TrainParams, warmup: int, repeats: int, device: torch.device
 ) -> dict[str, float]:
-    """The training loop's own optimisation step on a pre-made batch: the compute ceiling at
-    p.batch_size."""
-    batch = (
-        _input(p.batch_size, device, p.channels_last),
-        torch.arange(p.batch_size, device=device) % 2,
-    )
-    return summary(_step_seconds(p, batch, warmup, repeats, device), p.batch_size)
+    """The training loop's own step on a pre-made batch: the compute ceiling at p.batch_size."""
+    x = _input(p.batch_size, device, p.channels_last)
+    y = torch.arange(p.batch_size, device=device) % 2
+    return summary(_step_seconds(p, x, y, warmup, repeats, device), p.batch_size)
 
 
 def time_train_loop(
     p: TrainParams, train_split: Split, valid_split: Split, mean, std, epochs: int = 2
 ) -> float:
-    """images/s of the real training loop (pcam.training.train) on `train_split`: resident uint8,
-    batched augmentation and normalisation, forward/backward/step, per-step DVCLive logging
-    (into a temporary directory), as the train stage runs it.
-
-    With two epochs the last one's figure is kept: the first carries the warm-up (kernel
-    selection, allocator growth) that the pre-made-tensor measurement excludes too."""
+    """images/s of the real training loop (pcam.training.train) as the train stage runs it,
+    DVCLive logging into a temporary directory included. Of two epochs the last one's figure
+    is kept: the first carries the warm-up that the pre-made-batch measurement excludes too."""
     from pcam.training import train
 
     p = dataclasses.replace(p, epochs=epochs, early_stopping_patience=0)
@@ -204,54 +188,52 @@ def time_train_loop(
     return prog.images_per_s[-1]
 
 
-def time_premade_epoch(p: TrainParams, batch: tuple[torch.Tensor, torch.Tensor], steps: int):
-    """images/s of `steps` optimisation steps on one resident batch, measured like the loop's
-    figure (images over the time of a whole epoch, after an epoch of warm-up), under the loop's
-    settings: same seed, thread count, deterministic algorithms, optimizer and scheduler."""
-    from pcam.training import set_determinism
-
-    set_determinism(p.seed, p.threads)
-    seconds = _step_seconds(p, batch, steps, steps, torch.device("cpu"))
-    return steps * len(batch[1]) / seconds.sum()
+def _compare_rounds(first: str, second: str, rates: dict[str, list], ratio: str) -> dict:
+    """Medians of two interleaved arms and of the per-round ratio second / first - 1: on a shared
+    machine throughput drifts by tens of percent over minutes, so each round compares like with
+    like and measuring each side once, minutes apart, would compare the drift, not the code."""
+    a, b = np.asarray(rates[first]), np.asarray(rates[second])
+    per_round = b / a - 1.0
+    return {
+        f"{first}_images_per_s": float(np.median(a)),
+        f"{second}_images_per_s": float(np.median(b)),
+        ratio: float(np.median(per_round)),
+        f"{ratio}_min": float(per_round.min()),
+        f"{ratio}_max": float(per_round.max()),
+        "rounds": [
+            {f"{first}_images_per_s": x, f"{second}_images_per_s": y}
+            for x, y in zip(rates[first], rates[second], strict=True)
+        ],
+    }
 
 
 def compare_loop_to_premade(
     p: TrainParams, train_split: Split, valid_split: Split, mean, std, rounds: int
 ) -> dict:
-    """The data path's cost: the training loop's images/s vs the same steps on a pre-made batch.
-
-    The two are interleaved, round by round, and the overhead (pre-made / loop - 1) is taken per
-    round, then its median: on a shared machine throughput drifts by tens of percent over
-    minutes, and measuring each side once, minutes apart, compares the drift, not the code.
-    The pre-made batch is the split's first batch, normalised without augmentation.
+    """The data path's cost: the training loop's images/s vs the same steps on a pre-made batch
+    (the split's first, normalised, not augmented), round by round; overhead = pre-made / loop - 1.
     """
+    from pcam.training import set_determinism
+
     p = dataclasses.replace(p, device="cpu", compile=False)
     steps = -(-len(train_split) // p.batch_size)
     b = min(p.batch_size, len(train_split))
-    # channels_last, as the loop's batches are
-    batch = (normalise(train_split.x[:b], mean, std), train_split.y[:b])
-    loop, premade = [], []
+    x, y = (
+        normalise(train_split.x[:b], mean, std),
+        train_split.y[:b],
+    )  # channels_last, as the loop's
+    rates: dict[str, list] = {"loop": [], "premade": []}
     for _ in range(rounds):
-        loop.append(time_train_loop(p, train_split, valid_split, mean, std))
-        premade.append(time_premade_epoch(p, batch, steps))
-    loop_a, premade_a = np.asarray(loop), np.asarray(premade)
-    overhead = premade_a / loop_a - 1.0
-    return {
-        "loop_images_per_s": float(np.median(loop_a)),
-        "premade_images_per_s": float(np.median(premade_a)),
-        "overhead": float(np.median(overhead)),
-        "overhead_min": float(overhead.min()),
-        "overhead_max": float(overhead.max()),
-        "rounds": [
-            {"loop_images_per_s": a, "premade_images_per_s": b}
-            for a, b in zip(loop, premade, strict=True)
-        ],
-        "steps_per_epoch": steps,
-        "batch_size": p.batch_size,
-    }
+        rates["loop"].append(time_train_loop(p, train_split, valid_split, mean, std))
+        # Measured like the loop's figure (a whole epoch, after an epoch of warm-up), under the
+        # loop's settings: same seed, threads, deterministic algorithms, optimizer, scheduler.
+        set_determinism(p.seed, p.threads)
+        seconds = _step_seconds(p, x, y, steps, steps, torch.device("cpu"))
+        rates["premade"].append(steps * b / seconds.sum())
+    comparison = _compare_rounds("loop", "premade", rates, "overhead")
+    return comparison | {"steps_per_epoch": steps, "batch_size": p.batch_size}
 
 
-# --- The cost of the CPU numerics pins --------------------------------------------------------
 # pcam/__init__.py pins the CPU kernels (ISA caps, MKL's reproducible mode) before torch is
 # imported, unless PCAM_CPU_PINS=0: each arm is therefore its own process. The pins this process
 # got from its own import are removed from the unpinned arm's environment.
@@ -285,12 +267,9 @@ def pins_worker(config_json: str) -> None:
 
 
 def compare_cpu_pins(p: TrainParams, steps: int, warmup: int, rounds: int) -> dict:
-    """Training images/s with the CPU numerics pins (PCAM_CPU_PINS=1) and without (=0).
-
-    Two worker processes, each started once, take turns, the order swapped every round (so a
-    drift over time favours neither); the cost (unpinned / pinned - 1: how much faster training
-    runs without the pins) is taken per round, then its median, as in `compare_loop_to_premade`.
-    """
+    """Training images/s with the CPU numerics pins (PCAM_CPU_PINS=1) and without (=0): two
+    worker processes, started once, take turns, the order swapped every round (so a drift
+    favours neither); cost = unpinned / pinned - 1 (how much faster training runs without)."""
     p = dataclasses.replace(p, scheduler="none")  # the workers step without an end
     config = json.dumps({"train": to_dict(p), "steps": steps, "warmup": warmup})
     cmd = [sys.executable, "-m", "pcam.benchmark", "pins-worker", config]
@@ -313,12 +292,12 @@ def compare_cpu_pins(p: TrainParams, steps: int, warmup: int, rounds: int) -> di
     try:
         for pins in arms:
             read(pins)  # "ready": both warmed up
-        rates: dict[bool, list[float]] = {True: [], False: []}
+        rates: dict[str, list] = {"pinned": [], "unpinned": []}
         for r in range(rounds):
             for pins in (True, False) if r % 2 == 0 else (False, True):
                 arms[pins].stdin.write("go\n")
                 arms[pins].stdin.flush()
-                rates[pins].append(float(read(pins)))
+                rates["pinned" if pins else "unpinned"].append(float(read(pins)))
     finally:
         for proc in arms.values():
             try:
@@ -326,21 +305,8 @@ def compare_cpu_pins(p: TrainParams, steps: int, warmup: int, rounds: int) -> di
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    pinned, unpinned = np.asarray(rates[True]), np.asarray(rates[False])
-    cost = unpinned / pinned - 1.0
-    return {
-        "pinned_images_per_s": float(np.median(pinned)),
-        "unpinned_images_per_s": float(np.median(unpinned)),
-        "cost": float(np.median(cost)),
-        "cost_min": float(cost.min()),
-        "cost_max": float(cost.max()),
-        "rounds": [
-            {"pinned_images_per_s": a, "unpinned_images_per_s": b}
-            for a, b in zip(rates[True], rates[False], strict=True)
-        ],
-        "steps_per_round": steps,
-        "batch_size": p.batch_size,
-    }
+    comparison = _compare_rounds("pinned", "unpinned", rates, "cost")
+    return comparison | {"steps_per_round": steps, "batch_size": p.batch_size}
 
 
 def batches_ours(x_path: Path, n: int, batch_size: int, mean, std) -> Iterator[torch.Tensor]:
@@ -348,14 +314,6 @@ def batches_ours(x_path: Path, n: int, batch_size: int, mean, std) -> Iterator[t
     x = torch.from_numpy(read_x(x_path, np.arange(n)))
     for start in range(0, n, batch_size):
         yield normalise(x[start : start + batch_size], mean, std)
-
-
-def loader_ours(x_path: Path, n: int, batch_size: int, mean, std) -> Callable[[], None]:
-    def run():
-        for _ in batches_ours(x_path, n, batch_size, mean, std):
-            pass
-
-    return run
 
 
 class PerIndexH5(Dataset):
@@ -387,12 +345,14 @@ def batches_naive(x_path: Path, n: int, batch_size: int, workers: int, mean, std
     )
 
 
-def loader_naive(x_path: Path, n: int, batch_size: int, workers: int, mean, std):
-    def run():
-        for _ in batches_naive(x_path, n, batch_size, workers, mean, std):
+def time_delivery(batches: Callable[[], Iterable], n: int, warmup: int, repeats: int) -> dict:
+    """summary() of delivering n patches: every batch `batches()` yields made, then dropped."""
+
+    def deliver():
+        for _ in batches():
             pass
 
-    return run
+    return summary(timed(deliver, warmup, repeats, torch.device("cpu")), n)
 
 
 if __name__ == "__main__":

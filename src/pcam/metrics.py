@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
 
 # Probabilities are clipped before NLL so a confident mistake costs a lot but not infinity.
 _EPS = 1e-7
+CI_METRICS = ("roc_auc", "f2", "sensitivity", "specificity")
 
 
 def choose_threshold(y: np.ndarray, prob: np.ndarray, rule: str | float) -> float:
@@ -38,10 +41,7 @@ def choose_threshold(y: np.ndarray, prob: np.ndarray, rule: str | float) -> floa
 
 
 def expected_calibration_error(y: np.ndarray, prob: np.ndarray, n_bins: int = 15) -> float:
-    """ECE with equal-width bins: sum over bins of |accuracy - confidence| weighted by bin size.
-
-    scikit-learn's calibration_curve gives the per-bin points but not the bin weights, hence this.
-    """
+    """ECE, equal-width bins; sklearn's calibration_curve gives the points but not the weights."""
     bins = np.minimum((prob * n_bins).astype(int), n_bins - 1)
     counts = np.bincount(bins, minlength=n_bins)
     pos = np.bincount(bins, weights=y, minlength=n_bins)
@@ -54,7 +54,6 @@ def classification_metrics(y: np.ndarray, prob: np.ndarray, threshold: float) ->
     """All point metrics at `threshold`. Ranking metrics need both classes present."""
     y = np.asarray(y).astype(int)
     pred = (prob >= threshold).astype(int)
-    both = len(np.unique(y)) == 2
     out = {
         "n": int(len(y)),
         "prevalence": float(y.mean()) if len(y) else float("nan"),
@@ -68,23 +67,18 @@ def classification_metrics(y: np.ndarray, prob: np.ndarray, threshold: float) ->
         "nll": skm.log_loss(y, np.clip(prob, _EPS, 1 - _EPS), labels=[0, 1]),
         "ece": expected_calibration_error(y, prob),
     }
-    if both:
+    if len(np.unique(y)) == 2:
         out["roc_auc"] = skm.roc_auc_score(y, prob)
         out["pr_auc"] = skm.average_precision_score(y, prob)
         out["balanced_accuracy"] = skm.balanced_accuracy_score(y, pred)
     return {k: float(v) if not isinstance(v, int) else v for k, v in out.items()}
 
 
-CI_METRICS = ("roc_auc", "f2", "sensitivity", "specificity")
-
-
 def metrics_with_ci(
     y: np.ndarray, prob: np.ndarray, threshold: float, resamples: int, seed: int
 ) -> dict:
-    """classification_metrics, with the CI metrics as {value, ci_low, ci_high}.
-
-    Nested so `dvc metrics diff` reads test.roc_auc.value, test.f2.ci_low, ...
-    """
+    """classification_metrics, the CI_METRICS nested as {value, ci_low, ci_high}: the keys
+    `dvc metrics diff` shows read test.roc_auc.value, test.f2.ci_low, ..."""
     out: dict = classification_metrics(y, prob, threshold)
     cis = bootstrap_ci(y, prob, threshold, resamples, seed)
     for name in CI_METRICS:
@@ -94,11 +88,8 @@ def metrics_with_ci(
 
 
 def rates(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
-    """Sensitivity, specificity (NaN when undefined) and F2 from confusion counts.
-
-    Counted by hand only where sklearn would be called hundreds of times (bootstrap resamples,
-    threshold sweeps); tests check these against sklearn's recall_score and fbeta_score.
-    """
+    """Sensitivity, specificity (NaN when undefined) and F2 from confusion counts: by hand where
+    sklearn would be called hundreds of times (tests compare them with sklearn)."""
     return {
         "sensitivity": tp / (tp + fn) if tp + fn else np.nan,
         "specificity": tn / (tn + fp) if tn + fp else np.nan,
@@ -107,48 +98,33 @@ def rates(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
 
 
 def roc_auc_by_ranks(positive: np.ndarray, prob: np.ndarray) -> float:
-    """ROC-AUC as the Mann-Whitney statistic: the chance that a positive outscores a negative,
-    ties counting half; what skm.roc_auc_score computes (tests compare them), minus its input
-    validation, which made the bootstrap's thousands of calls take seconds.
-    """
-    from scipy.stats import rankdata
-
+    """skm.roc_auc_score as the Mann-Whitney statistic (ties count half; tests compare them),
+    without its input validation, which made the bootstrap's thousands of calls take seconds."""
     n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
     rank_sum = float(rankdata(prob)[positive].sum())
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * (len(positive) - n_pos))
 
 
 def bootstrap_ci(
-    y: np.ndarray,
-    prob: np.ndarray,
-    threshold: float,
-    resamples: int,
-    seed: int,
-    names: tuple[str, ...] = CI_METRICS,
+    y: np.ndarray, prob: np.ndarray, threshold: float, resamples: int, seed: int
 ) -> dict[str, dict[str, float]]:
-    """95% percentile-bootstrap intervals, resampling patches with replacement (seeded).
-
-    Resamples with a single class cannot score ROC-AUC and are skipped for it.
-    """
+    """95% percentile-bootstrap intervals of CI_METRICS, resampling patches (seeded). Resamples
+    with a single class cannot score ROC-AUC and are skipped for it."""
     rng = np.random.default_rng(seed)
     y = np.asarray(y).astype(int)
     pred = prob >= threshold
-    samples: dict[str, list[float]] = {k: [] for k in names}
-    n = len(y)
+    samples: dict[str, list[float]] = {k: [] for k in CI_METRICS}
     for _ in range(resamples):
-        idx = rng.integers(0, n, n)
-        yb, pb, predb = y[idx], prob[idx], pred[idx]
-        pos, neg = yb == 1, yb == 0
+        idx = rng.integers(0, len(y), len(y))
+        predb, pos, neg = pred[idx], y[idx] == 1, y[idx] == 0
         values = rates(
             np.sum(predb & pos), np.sum(predb & neg), np.sum(~predb & pos), np.sum(~predb & neg)
         )
-        if "roc_auc" in names and pos.any() and neg.any():
-            values["roc_auc"] = roc_auc_by_ranks(pos, pb)
-        for k in names:
-            v = values.get(k, np.nan)
-            if np.isfinite(v):
-                samples[k].append(float(v))
+        if pos.any() and neg.any():
+            values["roc_auc"] = roc_auc_by_ranks(pos, prob[idx])
+        for k in CI_METRICS:
+            if np.isfinite(values.get(k, np.nan)):
+                samples[k].append(float(values[k]))
     out = {}
     for k, vals in samples.items():
         if len(vals) >= 2:
@@ -171,14 +147,12 @@ def pr_points(y: np.ndarray, prob: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def calibration_points(y: np.ndarray, prob: np.ndarray, bins: int) -> dict[str, np.ndarray]:
-    from sklearn.calibration import calibration_curve
-
     frac_pos, mean_pred = calibration_curve(y, prob, n_bins=bins, strategy="uniform")
     return {"mean_predicted": mean_pred, "fraction_positive": frac_pos}
 
 
 def threshold_sweep(y: np.ndarray, prob: np.ndarray, steps: int = 101) -> dict[str, np.ndarray]:
-    """F2, sensitivity and specificity at evenly spaced thresholds in [0, 1]."""
+    """F2, sensitivity and specificity (undefined: 0) at evenly spaced thresholds in [0, 1]."""
     grid = np.linspace(0.0, 1.0, steps)
     rows = {"threshold": grid, "f2": [], "sensitivity": [], "specificity": []}
     for t in grid:

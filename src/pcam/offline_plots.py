@@ -1,18 +1,15 @@
 """The HTML template `dvc plots show/diff` use, with Vega, Vega-Lite and vega-embed inlined.
 
-DVC's default plots page loads those libraries from cdn.jsdelivr.net, so it renders blank on an
-air-gapped cluster node. This project commits its own page template (TEMPLATE, one self-contained
-file) and names it in .dvc/config (`plots.html_template`), so plain `dvc plots show`, `dvc plots
-diff` and `make changes-report` write pages that draw without network. Rebuild it only to change
-the library versions (needs the npm registry once):
+DVC's default page loads them from cdn.jsdelivr.net, so it renders blank on an air-gapped node;
+.dvc/config names this self-contained TEMPLATE instead (`plots.html_template`). Rebuild it only to
+change the library versions (needs the npm registry once; tarballs are kept in --cache-dir):
 
     python -m pcam.offline_plots            # = make plots-template; rewrites TEMPLATE
     python -m pcam.offline_plots --check    # exit 1 if TEMPLATE differs from a fresh build
 
-`npm pack` fetches the exact versions DVC's own page uses (dvc-render's VegaRenderer), and every
-tarball's sha512 must equal the value pinned below before anything is read from it. Tarballs are
-kept in --cache-dir (git-ignored), so a second build needs no network. All three libraries are
-BSD-3-Clause: the page carries their copyright notices and licence (LICENCE_NOTE).
+`npm pack` fetches the versions DVC's own page uses (dvc-render's VegaRenderer); each tarball's
+sha512 must equal the pinned one before anything is read from it. All three are BSD-3-Clause: the
+page carries their copyright notices and licence.
 """
 
 from __future__ import annotations
@@ -24,23 +21,18 @@ import re
 import shutil
 import subprocess
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from pcam.errors import PcamError, exit_on_user_error
 from pcam.fileio import write_text
 
 
-@dataclass(frozen=True)
-class Library:
+class Library(NamedTuple):
     name: str
     version: str
     member: str  # the browser build inside the npm tarball
     integrity: str  # npm's Subresource Integrity string of the tarball
-
-    @property
-    def tarball(self) -> str:
-        return f"{self.name}-{self.version}.tgz"  # what `npm pack` names it
 
 
 # Load order matters: vega-embed expects the globals `vega` and `vegaLite`.
@@ -82,9 +74,9 @@ PAGE = """<!DOCTYPE html>
     -->
 {scripts_inline}
     <style>
-        table {{
+        table {
             border-spacing: 15px;
-        }}
+        }
     </style>
 </head>
 <body>
@@ -94,13 +86,9 @@ PAGE = """<!DOCTYPE html>
 """
 
 
-def sri_sha512(path: Path) -> str:
-    return "sha512-" + base64.b64encode(hashlib.sha512(path.read_bytes()).digest()).decode()
-
-
 def fetch(lib: Library, dest: Path) -> Path:
     """The verified tarball of `lib` in `dest`, downloaded with `npm pack` unless already there."""
-    tarball = dest / lib.tarball
+    tarball = dest / f"{lib.name}-{lib.version}.tgz"  # what `npm pack` names it
     if not tarball.is_file():
         npm = shutil.which("npm")
         if npm is None:
@@ -116,7 +104,7 @@ def fetch(lib: Library, dest: Path) -> Path:
         if proc.returncode != 0 or not tarball.is_file():
             why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise PcamError(f"`npm pack {lib.name}@{lib.version}` failed: {why}")
-    actual = sri_sha512(tarball)
+    actual = "sha512-" + base64.b64encode(hashlib.sha512(tarball.read_bytes()).digest()).decode()
     if actual != lib.integrity:
         tarball.unlink()  # never reuse a bad download
         raise PcamError(
@@ -128,10 +116,7 @@ def fetch(lib: Library, dest: Path) -> Path:
 
 def _member_text(tarball: Path, name: str) -> str:
     with tarfile.open(tarball, "r:gz") as tar:
-        try:
-            member = tar.extractfile(name)
-        except KeyError:
-            member = None
+        member = tar.extractfile(name) if name in tar.getnames() else None
         if member is None:
             raise PcamError(f"{tarball}: no file {name}")
         return member.read().decode("utf-8")
@@ -173,15 +158,9 @@ def build_template(cache_dir: Path) -> str:
         licences.append(read_licence(tarball, lib))
         scripts.append(f"    <script>/* {lib.name} {lib.version} */\n{code}\n    </script>")
     versions = ", ".join(f"{lib.name} {lib.version}" for lib in LIBRARIES)
-    # str.format would trip over the braces in the JavaScript: insert the scripts last.
-    page = PAGE.format(
-        refresh_tag="{refresh_tag}",
-        plot_divs="{plot_divs}",
-        versions=versions,
-        licences="\n\n".join(licences),
-        scripts_inline="@@SCRIPTS@@",
-    )
-    return page.replace("@@SCRIPTS@@", "\n".join(scripts))
+    # The scripts last, so that no text inside them is taken for a placeholder.
+    page = PAGE.replace("{versions}", versions).replace("{licences}", "\n\n".join(licences))
+    return page.replace("{scripts_inline}", "\n".join(scripts))
 
 
 @exit_on_user_error

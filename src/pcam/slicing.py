@@ -1,8 +1,6 @@
-"""Slices of the test split where a model can fail silently.
-
-The seeds' users found a model whose F2 on the darkest slides lay far below its global F2. A
-slice is a boolean mask over the test predictions, defined by per-patch image features (computed
-from the raw patches), by the meta CSV (hard negatives, slide), never by the model itself.
+"""Slices of the test split where a model can fail silently (the seeds' users found one whose F2
+on the darkest slides lay far below its global F2). A slice is a boolean mask over the test
+predictions, defined by image features or the meta CSV, never by the model itself.
 """
 
 from __future__ import annotations
@@ -17,11 +15,8 @@ FEATURE_CHUNK_ROWS = 2048
 
 
 def patch_features(x_uint8: np.ndarray, background_saturation: float) -> dict[str, np.ndarray]:
-    """Per-patch mean intensity, contrast, mean HSV saturation and tissue fraction.
-
-    Computed in chunks so memory stays bounded at PCAM scale. Saturation is HSV's
-    (max - min) / max; pixels below `background_saturation` count as glass, not tissue.
-    """
+    """Per-patch mean intensity, contrast, mean HSV saturation and tissue fraction, in chunks
+    (bounded memory at PCAM scale); pixels below `background_saturation` count as glass."""
     out = {k: np.empty(len(x_uint8)) for k in ("intensity", "contrast", "saturation", "tissue")}
     for rows in h5io.iter_chunks(len(x_uint8), FEATURE_CHUNK_ROWS):
         x = x_uint8[rows].astype(np.float32) / 255.0
@@ -51,8 +46,7 @@ META_SLICES = ("hard_negative", "slide:*")
 def define_slices(
     features: dict[str, np.ndarray], meta: h5io.Meta | None, p: SliceParams
 ) -> dict[str, np.ndarray]:
-    """Named boolean masks over the test patches (in prediction order); without `meta`, only
-    those defined by the pixels (META_SLICES are left out)."""
+    """Named masks over the test patches (prediction order); without `meta`, no META_SLICES."""
     slices = {
         "dark": extreme_fraction(features["intensity"], p.dark_fraction, highest=False),
         "bright": extreme_fraction(features["intensity"], p.bright_fraction, highest=True),
@@ -80,11 +74,8 @@ def score_slice(
     p: SliceParams,
     seed: int,
 ) -> dict:
-    """Size, prevalence, metrics with bootstrap CIs and the gap to global; or why not scored.
-
-    A metric that a slice cannot support (ROC-AUC without both classes, sensitivity without
-    positives...) is left out and named in `not_scored`, never reported as NaN.
-    """
+    """Size, prevalence, metrics with bootstrap CIs and the gap to global. A metric the slice
+    cannot support (too few of a class) is left out and named in `not_scored`, never NaN."""
     n, positives = int(mask.sum()), int(y[mask].sum())
     out: dict = {"n": n, "positives": positives, "prevalence": positives / n if n else 0.0}
     if n < p.min_size:
