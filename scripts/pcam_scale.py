@@ -92,14 +92,8 @@ def main() -> None:
     valid = Split("valid", x[:1024], y[:1024], np.arange(1024))
 
     for name in args.models.split(","):
-        p = dataclasses.replace(
-            params.train,
-            model=name,
-            epochs=1,
-            device=device.type,
-            resume=False,
-            width=args.resnet_width if name == "resnet" else params.train.width,
-        )
+        width = args.resnet_width if name == "resnet" else params.train.width
+        p = dataclasses.replace(params.train, model=name, epochs=1, device=device.type, width=width)
         m = n if device.type == "cuda" or name != "resnet" else min(n, args.subset_on_cpu)
         what = "train epoch" if m == n else f"train, subset of {m}"
         split = Split("train", x[:m], y[:m], np.arange(m))

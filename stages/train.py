@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from dvclive import Live
 
+from pcam import h5io
 from pcam.data import load_split, load_stats
 from pcam.errors import exit_on_user_error
 from pcam.fileio import write_json
@@ -49,11 +50,7 @@ def run_rank(rank: int, world: int) -> None:
     exclusions = EXCLUSIONS if p.use_exclusions else None
     train_split = load_split(RAW_DIR, "train", exclusions, budget)
     valid_split = load_split(RAW_DIR, "valid", memory_budget_gb=budget)
-    inputs = [
-        RAW_DIR / f"camelyonpatch_level_2_split_{s}_{xy}.h5"
-        for s in ("train", "valid")
-        for xy in "xy"
-    ]
+    inputs = [path for s in ("train", "valid") for path in h5io.split_files(RAW_DIR, s)[:2]]
     # train.threads from here on, not the launcher's default (the machine's cores; torchrun and
     # SLURM set OMP_NUM_THREADS): what runs before train() (provenance) must not see another.
     torch.set_num_threads(p.threads)
