@@ -3,14 +3,10 @@
     python scripts/pcam_scale.py [--patches 262144] [--workdir /tmp/pcam_scale] [--device auto]
         [--models cnn,resnet] [--subset-on-cpu 4096]
 
-Without --train-x it builds a PCAM-size train split: the synthetic generator makes
-`--unique` distinct patches, tiled to --patches rows and written uncompressed like the official
-files (7.2 GB at full size). Tiling repeats content, which changes nothing for throughput.
-With --train-x PATH it reads a real camelyonpatch_level_2_split_train_x.h5 (and its _y file).
-
-Prints a markdown table: model, device, what was timed, patches, seconds, images/s. Models that
-are too slow for a full epoch on this device (the resnet on CPU) are timed on --subset-on-cpu
-patches and labelled as such. Also runs as a SLURM job (slurm/benchmark_*.sbatch).
+The split is a real camelyonpatch_level_2_split_train_x.h5 (--train-x, with its _y file) or
+--unique synthetic patches tiled to --patches rows (uncompressed like the official files, 7.2 GB
+at full size; repeated content changes nothing for throughput). Prints a markdown table; the
+resnet on CPU, too slow for a full epoch, is timed on --subset-on-cpu patches and says so.
 """
 
 from __future__ import annotations
@@ -53,9 +49,7 @@ def build_split(workdir: Path, patches: int, unique: int, seed: int) -> tuple[Pa
         for start in range(0, patches, unique):
             stop = min(patches, start + unique)
             ds[start:stop] = base.x[: stop - start]
-    y = np.resize(base.y, patches).astype(np.uint8).reshape(-1, 1, 1, 1)
-    with h5py.File(yp, "w") as f:
-        f.create_dataset("y", data=y)
+    h5io.write_h5_dataset(yp, "y", np.resize(base.y, patches).astype(np.uint8).reshape(-1, 1, 1, 1))
     return xp, yp
 
 
@@ -98,14 +92,8 @@ def main() -> None:
     valid = Split("valid", x[:1024], y[:1024], np.arange(1024))
 
     for name in args.models.split(","):
-        p = dataclasses.replace(
-            params.train,
-            model=name,
-            epochs=1,
-            device=device.type,
-            resume=False,
-            width=args.resnet_width if name == "resnet" else params.train.width,
-        )
+        width = args.resnet_width if name == "resnet" else params.train.width
+        p = dataclasses.replace(params.train, model=name, epochs=1, device=device.type, width=width)
         m = n if device.type == "cuda" or name != "resnet" else min(n, args.subset_on_cpu)
         what = "train epoch" if m == n else f"train, subset of {m}"
         split = Split("train", x[:m], y[:m], np.arange(m))
@@ -119,13 +107,9 @@ def main() -> None:
         init_weights(model)
         model.to(device)
         what = "inference pass" if m == n else f"inference, subset of {m}"
-        predict_logits(model, x[:512], mean, std, 512, device)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        predict_logits(model, x[:m], mean, std, 512, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        for part in (x[:512], x[:m]):  # warm-up, then timed
+            t0 = time.perf_counter()
+            predict_logits(model, part, mean, std, 512, device)  # returns numpy: synchronised
         record(name, device.type, what, m, time.perf_counter() - t0)
 
     info = machine_info(device)

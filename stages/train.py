@@ -1,18 +1,11 @@
-"""train stage: train the model chosen by train.model -> models/model.pt, metrics/train.json, dvclive/.
+"""train stage: train.model -> models/model.pt, dvclive/, metrics/train.json (the headline) and
+metrics/details/train.json (best and last epoch, train size, provenance).
 
-metrics/train.json is the headline (epochs run, the best epoch, its validation loss);
-metrics/details/train.json adds the best and the last epoch's figures, the train size and
-provenance.
-
-Run by DVC (`dvc repro train`, `dvc exp run -S train.lr=1e-4`). On SIGTERM/SIGUSR1 (SLURM's
-warning before a time limit, preemption, scancel) it saves a checkpoint to
-.cache/checkpoints/train.pt (or $PCAM_CHECKPOINT_DIR/train.pt) and exits 75; run again with
-PCAM_RESUME=1 to continue where it stopped, with identical results. models/model.pt is written
-only when training finishes.
-
-Multi-process: with train.devices > 1 this script spawns that many DistributedDataParallel
-ranks itself (gloo on CPU, nccl on GPU); under `torchrun` or `srun` (WORLD_SIZE and RANK set)
-each launched process is one rank. Rank 0 alone writes the outputs.
+On SIGTERM/SIGUSR1 (SLURM's warning before a time limit, preemption, scancel) it saves a checkpoint
+to $PCAM_CHECKPOINT_DIR/train.pt (default .cache/checkpoints/) and exits 75; PCAM_RESUME=1 continues
+where it stopped, with identical results. With train.devices > 1 it spawns that many DDP ranks
+(gloo on CPU, nccl on GPU); under torchrun or srun (WORLD_SIZE, RANK set) each process is one rank.
+Rank 0 alone writes the outputs.
 """
 
 import os
@@ -28,30 +21,21 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from dvclive import Live
 
+from pcam import h5io
 from pcam.data import load_split, load_stats
 from pcam.errors import exit_on_user_error
 from pcam.fileio import write_json
 from pcam.params import load_params
 from pcam.provenance import provenance
-from pcam.training import (
-    EXIT_INTERRUPTED,
-    RESUME_ENV,
-    TrainingInterrupted,
-    resolve_device,
-    train,
-)
+from pcam.training import EXIT_INTERRUPTED, RESUME_ENV, TrainingInterrupted, resolve_device, train
 
 RAW_DIR = Path("data/raw")
 EXCLUSIONS = Path("data/validated/exclusions.json")
 STATS = Path("data/stats.json")
 MODEL = Path("models/model.pt")
-# The resumable state: outside DVC's outputs (DVC deletes those before a run) and git-ignored.
-# $PCAM_CHECKPOINT_DIR puts it elsewhere: SLURM jobs keep it on shared storage, one directory per
-# job, where it outlives the job's node-local working copy (slurm/common.sh).
+# Outside DVC's outputs (DVC deletes those before a run) and git-ignored. SLURM jobs keep it on
+# shared storage, one directory per job, where it outlives the node-local copy (slurm/common.sh).
 CHECKPOINT = Path(os.environ.get("PCAM_CHECKPOINT_DIR") or ".cache/checkpoints") / "train.pt"
-METRICS = Path("metrics/train.json")
-DETAILS = Path("metrics/details/train.json")
-LIVE_DIR = Path("dvclive")
 
 
 def run_rank(rank: int, world: int) -> None:
@@ -66,33 +50,20 @@ def run_rank(rank: int, world: int) -> None:
     exclusions = EXCLUSIONS if p.use_exclusions else None
     train_split = load_split(RAW_DIR, "train", exclusions, budget)
     valid_split = load_split(RAW_DIR, "valid", memory_budget_gb=budget)
-    inputs = [
-        RAW_DIR / f"camelyonpatch_level_2_split_{s}_{xy}.h5"
-        for s in ("train", "valid")
-        for xy in "xy"
-    ]
+    inputs = [path for s in ("train", "valid") for path in h5io.split_files(RAW_DIR, s)[:2]]
     # train.threads from here on, not the launcher's default (the machine's cores; torchrun and
     # SLURM set OMP_NUM_THREADS): what runs before train() (provenance) must not see another.
     torch.set_num_threads(p.threads)
     prov = provenance("train", p.seed, device, [*inputs, EXCLUSIONS, STATS])
     prov["world_size"] = world
     # dvcyaml=False/save_dvc_exp=False: dvc.yaml declares these files; DVCLive must not rewrite it
-    # or create stray experiments when this script runs outside `dvc exp run`. A fresh directory
-    # each time: a resumed run writes the rows logged before the interruption again itself.
-    live = Live(dir=str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False) if rank == 0 else None
+    # or create stray experiments outside `dvc exp run`. A fresh directory each time: a resumed
+    # run writes the rows logged before the interruption again itself.
+    live = Live(dir="dvclive", dvcyaml=False, save_dvc_exp=False) if rank == 0 else None
+    splits = (train_split, valid_split)
     try:
         prog = train(
-            p,
-            train_split,
-            valid_split,
-            mean,
-            std,
-            MODEL,
-            prov,
-            live,
-            rank,
-            world,
-            checkpoint_path=CHECKPOINT,
+            p, *splits, mean, std, MODEL, prov, live, rank, world, checkpoint_path=CHECKPOINT
         )
     except TrainingInterrupted as stop:
         if rank == 0:
@@ -111,26 +82,20 @@ def run_rank(rank: int, world: int) -> None:
         last = prog.history[-1]
         # best_epoch is 0 when no epoch had a valid ROC-AUC (e.g. one class in valid)
         best = prog.history[prog.best_epoch - 1] if prog.best_epoch else {}
+        headline = {"epochs_run": prog.epoch, "best_epoch": prog.best_epoch}
         # The saved model is the best epoch's, so evaluate's valid.* are its validation metrics
         # at the chosen threshold; only its validation loss is this stage's own headline.
-        write_json(
-            METRICS,
-            {"epochs_run": prog.epoch, "best_epoch": prog.best_epoch}
-            | ({"best_val_loss": best["val_loss"]} if best else {}),
-        )
-        write_json(
-            DETAILS,
-            {
-                "epochs_run": prog.epoch,
-                "stopped_early": prog.stopped_early,
-                "best_epoch": prog.best_epoch,
-                "best_val_roc_auc": prog.best_roc_auc,
-                "best": best,
-                "final": {k: last[k] for k in ("train_loss", "val_loss", "val_roc_auc", "val_f2")},
-                "n_train": len(train_split),
-                "provenance": prov,
-            },
-        )
+        best_loss = {"best_val_loss": best["val_loss"]} if best else {}
+        write_json(Path("metrics/train.json"), headline | best_loss)
+        details = {
+            "stopped_early": prog.stopped_early,
+            "best_val_roc_auc": prog.best_roc_auc,
+            "best": best,
+            "final": {k: last[k] for k in ("train_loss", "val_loss", "val_roc_auc", "val_f2")},
+            "n_train": len(train_split),
+            "provenance": prov,
+        }
+        write_json(Path("metrics/details/train.json"), headline | details)
 
 
 @exit_on_user_error

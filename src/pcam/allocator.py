@@ -1,12 +1,9 @@
 """Keep freed memory in the process instead of returning it to the kernel (glibc only).
 
-PyTorch on CPU frees and re-allocates the same multi-megabyte buffers (batches, activations,
-gradients) every step. glibc serves blocks above its mmap threshold with fresh mmap()s and
-gives them back on free, so every step page-faults its memory in again: on CPU that costs
-about as much as the data path's own work and a large share of a training step (the benchmark
-stage's `train_loop_vs_premade` and `train_step` rows time both with this module in place).
-Raising the mmap and trim thresholds makes glibc reuse the freed blocks.
-The results are unchanged; only where the bytes live differs.
+PyTorch on CPU frees and re-allocates the same multi-megabyte buffers every step; glibc serves
+blocks above its mmap threshold with fresh mmap()s and unmaps them on free, so every step
+page-faults its memory in again, a large share of a CPU training step (the benchmark's
+`train_loop_vs_premade` and `train_step` rows run with this in place). Results are unchanged.
 """
 
 from __future__ import annotations
@@ -17,16 +14,13 @@ import ctypes.util
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling on 64-bit
-_TRIM_THRESHOLD = 2**30
 
 
 def keep_freed_memory() -> bool:
-    """Apply the thresholds; False (and nothing changed) where libc is not glibc."""
-    name = ctypes.util.find_library("c")
+    """Raise glibc's mmap and trim thresholds; False (and nothing changed) on another libc."""
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
-    return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and ok)
+    return bool(mallopt(_M_TRIM_THRESHOLD, 2**30) == 1 and ok)

@@ -21,11 +21,8 @@ FORMAT = "pcam-checkpoint/1"
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
-    """Serialise to memory first, then rename into place.
-
-    torch.save names the zip archive after the file it writes to; saving to a temporary file name
-    would make identical checkpoints differ by bytes, so we save into a buffer instead.
-    """
+    # Into a buffer, then renamed into place: torch.save names the zip archive after the file it
+    # writes, so saving to a temporary file name would make identical checkpoints differ by bytes.
     buf = io.BytesIO()
     torch.save(_canonical({"format": FORMAT, **payload}), buf)
     write_bytes(path, buf.getvalue())
@@ -36,8 +33,7 @@ def _canonical(obj):
 
     pickle writes a string it has seen before (same object) as a back-reference. A resumed run's
     optimizer state holds strings unpickled from the checkpoint, an uninterrupted run's holds
-    literals: same values, different object identity, different bytes. Interning every string
-    and rebuilding every container makes the identity pattern depend on the values alone.
+    literals: same values, different object identity, different bytes.
     """
     if isinstance(obj, str):
         return sys.intern(obj)
@@ -51,12 +47,11 @@ def _canonical(obj):
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint safely: tensors and plain containers only, never arbitrary pickles."""
+    """Tensors and plain containers only, never arbitrary pickles; checks what inference needs."""
     path = Path(path)
     if not path.is_file():
         raise PcamError(f"{path}: checkpoint not found")
-    if not zipfile.is_zipfile(path):
-        # torch.save writes a zip archive; anything else (truncated, another format) is not ours.
+    if not zipfile.is_zipfile(path):  # what torch.save writes; anything else is not ours
         raise PcamError(f"{path}: not a readable torch checkpoint (not a zip archive; truncated?)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -72,13 +67,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise PcamError(f"{path}: not a pcam checkpoint (expected format {FORMAT!r})")
-    _check_model_config(ckpt.get("model_config"), path)
-    _check_normalisation(ckpt.get("normalisation"), path)
-    return ckpt
-
-
-def _check_model_config(config: object, path: Path) -> None:
-    """What build_model needs: a known model name and its size, so a bad one is a clear error."""
+    config = ckpt.get("model_config")
     if not isinstance(config, dict):
         raise PcamError(
             f"{path}: checkpoint has no model_config (cannot tell which model it holds)"
@@ -95,10 +84,7 @@ def _check_model_config(config: object, path: Path) -> None:
             f"{path}: checkpoint model_config for {name!r} needs a positive integer "
             f"'{MODEL_SIZE_KEY[name]}', got {size!r}"
         )
-
-
-def _check_normalisation(norm: object, path: Path) -> None:
-    """Per-channel mean and std of the training data, as inference must apply them."""
+    norm = ckpt.get("normalisation")  # the training data's per-channel mean/std
     if not isinstance(norm, dict):
         raise PcamError(
             f"{path}: checkpoint has no normalisation (the training data's per-channel mean/std)"
@@ -115,6 +101,7 @@ def _check_normalisation(norm: object, path: Path) -> None:
             )
     if min(norm["std"]) <= 0:
         raise PcamError(f"{path}: checkpoint normalisation.std must be > 0, got {norm['std']}")
+    return ckpt
 
 
 def normalisation(ckpt: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,11 +112,11 @@ def normalisation(ckpt: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def load_model(
     ckpt: dict, path: str | os.PathLike = "checkpoint", expected_config: dict | None = None
 ) -> nn.Module:
-    """Rebuild the recorded architecture with the best epoch's weights (by val ROC-AUC).
+    """The recorded architecture with the best epoch's weights (by val ROC-AUC).
 
-    A checkpoint of an interrupted run is refused: its weights are not the trained model. With
-    `expected_config` (models.model_config of the current params), a checkpoint of another
-    architecture is refused too: results would be reported under params that did not make them.
+    Refused: an interrupted run's checkpoint (its weights are not the trained model) and, with
+    `expected_config` (model_config of the current params), another architecture's (results
+    would be reported under params that did not make them).
     """
     if expected_config is not None and ckpt["model_config"] != expected_config:
         raise PcamError(
@@ -149,23 +136,20 @@ def load_model(
 
 
 def load_state_strict(model: nn.Module, state: dict, path: str | os.PathLike) -> None:
-    """load_state_dict, but a mismatch says which keys are missing/unexpected and which shapes differ."""
+    """load_state_dict; a mismatch names the missing/unexpected keys and the differing shapes."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
     shapes = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in sorted(set(expected) & set(state))
         if tuple(state[k].shape) != tuple(expected[k].shape)
     ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_few(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatch {_few(shapes)}")
+    problems = {
+        "missing keys": sorted(set(expected) - set(state)),
+        "unexpected keys": sorted(set(state) - set(expected)),
+        "shape mismatch": shapes,
+    }
+    parts = [f"{what} {_few(items)}" for what, items in problems.items() if items]
+    if parts:
         raise PcamError(
             f"{path}: checkpoint does not fit model {type(model).__name__}: " + "; ".join(parts)
         )

@@ -1,12 +1,10 @@
-"""Splits resident in memory as uint8, batched normalisation and augmentation.
-
-Why: per-sample h5py reads behind a DataLoader starve the model (the seeds' GPU ran slower than
-their CPU). We read each split in large contiguous slices once, keep it as uint8 (4x smaller than
-float32), and do normalisation/augmentation per batch as tensor ops.
-"""
+"""Splits resident in memory as uint8 (4x smaller than float32), read once in large contiguous
+slices; normalisation and augmentation per batch as tensor ops. Per-sample h5py reads behind a
+DataLoader starve the model (the seeds' GPU ran slower than their CPU)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from pcam import h5io
 from pcam.errors import PcamError
 
 READ_CHUNK_ROWS = 4096
+STREAM_BLOCK_ROWS = 4096  # 108 MiB of uint8 per block; two are cached
 
 
 @dataclass(frozen=True)
@@ -59,30 +58,21 @@ def read_x(path: str | os.PathLike, rows: np.ndarray | None = None) -> np.ndarra
 
 
 class StreamedX:
-    """An x split too large for data.memory_budget_gb, read from HDF5 in contiguous blocks.
-
-    Indexing with positions (a tensor, array or slice) returns a uint8 tensor like the resident
-    tensor would. Positions are grouped in blocks of `block_rows`; the two most recent blocks are
-    cached, so a block-ordered epoch (see training.epoch_order) reads each block once.
-    """
+    """An x split too large for data.memory_budget_gb, indexed like the resident uint8 tensor and
+    read from HDF5 in blocks of `block_rows`; the two most recent blocks are cached, so a
+    block-ordered epoch (training.epoch_order) reads each block once."""
 
     def __init__(self, path: Path, rows: np.ndarray, block_rows: int):
         self.path, self.rows, self.block_rows = path, rows, block_rows
         self.shape = (len(rows),) + h5io.PATCH_SHAPE
-        self._cache: dict[int, torch.Tensor] = {}
+        self._block = functools.lru_cache(maxsize=2)(self._read_block)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _block(self, b: int) -> torch.Tensor:
-        if b not in self._cache:
-            if len(self._cache) >= 2:
-                self._cache.pop(next(iter(self._cache)))
-            lo = b * self.block_rows
-            self._cache[b] = torch.from_numpy(
-                read_x(self.path, self.rows[lo : lo + self.block_rows])
-            )
-        return self._cache[b]
+    def _read_block(self, b: int) -> torch.Tensor:
+        lo = b * self.block_rows
+        return torch.from_numpy(read_x(self.path, self.rows[lo : lo + self.block_rows]))
 
     def __getitem__(self, positions) -> torch.Tensor:
         if isinstance(positions, slice):
@@ -96,11 +86,8 @@ class StreamedX:
         return out
 
 
-STREAM_BLOCK_ROWS = 4096  # 108 MiB of uint8 per block; two are cached
-
-
 def load_excluded(exclusions_path: str | os.PathLike | None, split: str) -> np.ndarray:
-    """Indices that validate-data excluded from `split` (exclusions.json written by validate-data)."""
+    """Indices of `split` that validate-data excluded (its exclusions.json)."""
     if exclusions_path is None:
         return np.empty(0, dtype=np.int64)
     doc = json.loads(Path(exclusions_path).read_text())
@@ -130,25 +117,20 @@ def load_split(
 
 def load_stats(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     doc = json.loads(Path(path).read_text())
-    return torch.tensor(doc["mean"], dtype=torch.float32), torch.tensor(
-        doc["std"], dtype=torch.float32
-    )
+    return tuple(torch.tensor(doc[k], dtype=torch.float32) for k in ("mean", "std"))
 
 
 def normalise(
     x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, gain: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """uint8 NHWC batch -> standardised float32 NCHW, in one fused multiply-add.
+    """uint8 NHWC batch -> standardised float32 NCHW (channels_last), `gain` the optional
+    per-sample colour jitter (n,1,1,3), mean/std per channel on the 0..1 scale.
 
     ((x / 255) * gain - mean) / std is x * gain / (255 std) - mean / std: one addcmul pass that
-    also converts, instead of four full-size temporaries (this is on the training hot path).
-    `gain` is the optional per-sample colour jitter (n,1,1,3). mean/std are per channel on the
-    0..1 scale, from the train split only (compute-stats). The permute is free: NHWC storage
-    viewed as NCHW is the channels_last layout that fast convolution kernels want.
-
-    The per-channel factors are tiled along an image row (W*3 values) before the addcmul: a
-    broadcast over an innermost dimension of 3 runs element by element on CPU, several times
-    slower than contiguous rows. Same values, same result.
+    also converts, instead of four full-size temporaries (the training hot path). The factors
+    are tiled along an image row (W*3 values): a broadcast over an innermost dimension of 3 runs
+    element by element on CPU, several times slower. The permute is free: NHWC storage viewed as
+    NCHW is the channels_last layout fast convolution kernels want.
     """
     n, h, w, c = x_uint8.shape
     mean, std = mean.to(x_uint8.device), std.to(x_uint8.device)
@@ -162,11 +144,8 @@ def normalise(
 
 
 def draw_flip_rotate(generator: torch.Generator, n: int, flips: bool, rot90: bool, device):
-    """One code in 0..7 per sample: bit 2 = flip, bits 0-1 = number of 90-degree turns.
-
-    Drawn even when a switch is off, so the random stream (and every later draw) does not depend
-    on which augmentations are on.
-    """
+    """One code in 0..7 per sample: bit 2 = flip, bits 0-1 = number of 90-degree turns. Drawn
+    even when a switch is off, so later draws do not depend on which augmentations are on."""
     codes = torch.randint(0, 8, (n,), generator=generator, device=device)
     if not flips:
         codes &= 3
@@ -176,24 +155,16 @@ def draw_flip_rotate(generator: torch.Generator, n: int, flips: bool, rot90: boo
 
 
 def group_by_code(codes: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """A stable order that groups a batch by augmentation code, and each code's group size.
-
-    Applying the order to the batch's indices (and labels, jitter) before gathering lets
-    `flip_rotate` work on contiguous slices: one pass over the batch instead of a
-    select/gather/scatter per code. A batch is a set: its order inside changes nothing but the
-    summation order of the loss.
-    """
+    """A stable order grouping a batch by code, and each code's group size: gathered in this
+    order, `flip_rotate` works on contiguous slices (one pass, not a gather/scatter per code).
+    A batch is a set: its order changes only the summation order of the loss."""
     order = torch.sort(codes, stable=True).indices
     return order, torch.bincount(codes, minlength=8).tolist()
 
 
 def flip_rotate(x_uint8: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Flip/rotate a uint8 NHWC batch grouped by code (see `group_by_code`): the first
-    counts[0] patches get code 0, the next counts[1] code 1, and so on (train only).
-
-    Tissue has no canonical orientation, so these are label-preserving. Each group is written
-    once into a fresh tensor (no full copy first): this is on the training hot path.
-    """
+    """Flip/rotate a uint8 NHWC batch grouped by code: the first counts[0] patches get code 0,
+    the next counts[1] code 1, ... Label-preserving: tissue has no canonical orientation."""
     if sum(counts) != len(x_uint8):
         raise ValueError(f"flip_rotate: {sum(counts)} codes for a batch of {len(x_uint8)}")
     out = torch.empty_like(x_uint8)
@@ -210,11 +181,8 @@ def flip_rotate(x_uint8: torch.Tensor, counts: list[int]) -> torch.Tensor:
 
 
 def draw_color_jitter(generator: torch.Generator, n: int, strength: float, device) -> torch.Tensor:
-    """Per-sample gains (n,1,1,3): brightness in [1-s, 1+s] times per-channel [1-s/2, 1+s/2].
-
-    Mimics slide-to-slide stain variation. Applied inside `normalise`, without clamping: a
-    brightened white pixel may end slightly above white, which costs nothing in training and
-    saves a full pass over the batch.
-    """
+    """Per-sample gains (n,1,1,3), brightness in [1-s, 1+s] times per-channel [1-s/2, 1+s/2]:
+    stain variation between slides. Applied in `normalise` without clamping (a pixel may end
+    slightly above white), which saves a full pass over the batch."""
     u = torch.rand((n, 1, 1, 4), generator=generator, device=device) * 2 - 1
     return (1 + strength * u[..., :1]) * (1 + 0.5 * strength * u[..., 1:])

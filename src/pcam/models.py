@@ -25,15 +25,9 @@ def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class SmallCNN(nn.Module):
-    """A patchify stem, then conv blocks, the first two followed by 2x2 max-pool, global average
-    pool, linear.
-
-    The stem is a 4x4 conv with stride 4 (96 -> 24), as in ConvNeXt: full-resolution 3x3 convs
-    cost most of the time and add little for nuclei that are several pixels wide. It replaced a
-    stride-2 3x3 conv + max-pool that took the largest share of each training step on the pinned
-    CPU path (im2col + GEMM, pcam/numerics.py; profiled in README: Measured). Channels double per
-    block from `width`.
-    """
+    """A 4x4 stride-4 patchify stem (as in ConvNeXt), conv blocks (channels doubling from
+    `width`), global average pool, linear. Full-resolution 3x3 convs cost most of a step on the
+    pinned CPU path and add little for nuclei several pixels wide (README: Measured)."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -55,12 +49,9 @@ class SmallCNN(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with an identity or projected shortcut, as in ResNet-18.
-
-    The projection average-pools before its 1x1 conv (ResNet-D) instead of striding the 1x1
-    conv: it keeps all the input, and the strided 1x1 conv's backward crashed oneDNN (torch
-    2.13 CPU) in our tests.
-    """
+    """Two 3x3 convs with an identity or projected shortcut, as in ResNet-18. The projection
+    average-pools before its 1x1 conv (ResNet-D): it keeps all the input, and a strided 1x1
+    conv's backward crashed oneDNN (torch 2.13 CPU) in our tests."""
 
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
@@ -86,20 +77,13 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A residual CNN for GPU runs on real PCAM: 4 stages of 2 blocks, widths w, 2w, 4w, 8w.
-
-    At width 64 this is ResNet-18's body with a lighter stem (no 7x7/maxpool: 96 px patches are
-    small) and about 11M parameters.
-    """
+    """4 stages of 2 blocks, widths w, 2w, 4w, 8w: at width 64 ResNet-18's body (11M parameters)
+    with a lighter stem (no 7x7/maxpool: 96 px patches are small)."""
 
     def __init__(self, width: int):
         super().__init__()
         w = width
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, w, 3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(w),
-            nn.ReLU(inplace=True),
-        )
+        self.stem = _conv_block(3, w)
         stages, c_in = [], w
         for i, c_out in enumerate((w, 2 * w, 4 * w, 8 * w)):
             stride = 1 if i == 0 else 2
@@ -152,10 +136,7 @@ def model_config(p: TrainParams) -> dict:
 
 def build_model(config: dict) -> nn.Module:
     numerics.configure_torch()  # oneDNN off, VML warmed up: before the model runs anything
-    if config["model"] == "cnn":
-        return SmallCNN(config["width"])
-    if config["model"] == "resnet":
-        return ResNet(config["width"])
-    if config["model"] == "mlp":
-        return MLP(config["hidden_units"])
-    raise ValueError(f"unknown model {config['model']!r}")
+    name = config["model"]
+    if name not in MODEL_SIZE_KEY:
+        raise ValueError(f"unknown model {name!r}")
+    return {"cnn": SmallCNN, "resnet": ResNet, "mlp": MLP}[name](config[MODEL_SIZE_KEY[name]])

@@ -2,28 +2,21 @@
 
     python -m pcam.restore [STAGE ...]      # default: every stage in dvc.lock
 
-DVC deletes a stage's outputs before it runs the stage and updates dvc.lock only when the stage
-succeeds. After a failure the outputs are gone (or half-written) while dvc.lock still records the
-earlier ones; a failing stage names this command (pcam.errors.restore_hint). Each output that
-does not match dvc.lock is put back:
+DVC deletes a stage's outputs before running it and updates dvc.lock only on success; a failing
+stage names this command (pcam.errors.restore_hint). Each output that does not match dvc.lock
+comes back from the DVC cache (`cache: false` metrics and plots too when DVC's run-cache stored
+them), else, for a `cache: false` output, from git HEAD when HEAD's dvc.lock records the same
+hash. params.yaml and dvc.lock are not touched. Exit 1 with one line per output not restored.
 
-- from the DVC cache: cached outputs, and `cache: false` metrics and plots too when DVC's
-  run-cache stored them (it does for a stage whose uncached outputs are all metrics or plots);
-- otherwise, for a `cache: false` output, from git HEAD when HEAD's dvc.lock records the same
-  hash for it (metrics and plots are committed with dvc.lock).
-
-Outputs that match dvc.lock are left alone; params.yaml and dvc.lock are not touched, so
-`dvc status` still shows what changed. Exit 1 with one line per output that could not be restored.
-
-Why not `dvc checkout`: it skips `cache: false` outputs. This does what DVC's own run-cache
-restore does: it rebuilds the stage from its lock entry with every output treated as cached
-(StageCache._create_stage, a private DVC API: dvc is pinned in constraints.txt and
-tests/test_nothing_lost_e2e.py runs this against the real CLI).
+Not `dvc checkout`: it skips `cache: false` outputs. Like DVC's own run-cache restore, this
+rebuilds the stage from its lock entry (StageCache._create_stage, a private API: dvc is pinned in
+constraints.txt and tests/test_nothing_lost_e2e.py runs this against the real CLI).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -37,19 +30,16 @@ def _lock_stages(text: str) -> dict:
     return (yaml.safe_load(text) or {}).get("stages", {})
 
 
-def _head_lock(root: Path) -> dict:
-    """dvc.lock as committed in git HEAD ({} outside git or before the first commit)."""
-    proc = subprocess.run(
-        ["git", "show", "HEAD:./dvc.lock"], cwd=root, capture_output=True, text=True
-    )
-    return _lock_stages(proc.stdout) if proc.returncode == 0 else {}
-
-
-def _locked_hash(entry: dict, path: str) -> str | None:
-    for out in entry.get("outs") or []:
-        if out["path"] == path:
-            return out.get("md5")
-    return None
+def _head_hashes(root: Path) -> dict[tuple[str, str], str | None]:
+    """(stage, path) -> md5 in dvc.lock as committed in git HEAD ({} outside git)."""
+    git = ["git", "show", "HEAD:./dvc.lock"]
+    proc = subprocess.run(git, cwd=root, capture_output=True, text=True)
+    stages = _lock_stages(proc.stdout) if proc.returncode == 0 else {}
+    return {
+        (name, out["path"]): out.get("md5")
+        for name, entry in stages.items()
+        for out in entry.get("outs") or []
+    }
 
 
 def _matches_lock(out) -> bool:
@@ -70,7 +60,7 @@ def restore(root: Path, stages: list[str]) -> tuple[list[str], list[str]]:
         raise PcamError(
             f"{lock_path}: no stage {', '.join(map(repr, unknown))} (recorded: {', '.join(lock)})"
         )
-    head = _head_lock(root)
+    head = _head_hashes(root)
     done, problems = [], []
     with Repo(str(root)) as repo, repo.lock:
         uncached = {
@@ -87,17 +77,15 @@ def restore(root: Path, stages: list[str]) -> tuple[list[str], list[str]]:
                     continue
                 if not out.changed_cache():
                     # Uncached outputs are copied: they are committed to git as plain files.
+                    copy = repo.stage_cache._cache_type_copy
                     try:
-                        if is_uncached:
-                            with repo.stage_cache._cache_type_copy():
-                                out.checkout(force=True)
-                        else:
+                        with copy() if is_uncached else contextlib.nullcontext():
                             out.checkout(force=True)
                     except CheckoutError as err:
                         problems.append(f"{path}: checkout from the DVC cache failed ({err})")
                         continue
                     source = "the DVC cache"
-                elif is_uncached and _locked_hash(head.get(name, {}), path) == out.hash_info.value:
+                elif is_uncached and head.get((name, path)) == out.hash_info.value:
                     out.remove()  # a half-written directory would keep files HEAD does not have
                     subprocess.run(
                         ["git", "restore", "--source=HEAD", "--worktree", "--", path],
