@@ -194,3 +194,31 @@ def test_each_plot_file_is_declared_once():
         top += list(ys) if isinstance(ys, dict) else [name]
     twice = [t for t in top for s in in_stages if t == s or t.startswith(s.rstrip("/") + "/")]
     assert not twice, twice
+
+
+# Imported by several stages for what they share; not a stage's own logic (README, "The pipeline").
+SHARED_MODULES = {
+    *("__init__", "errors", "fileio", "h5io", "lifetime", "numerics", "params", "plots"),
+    *("provenance", "data", "models", "checkpoint", "inference", "allocator"),
+}
+# Another stage's module, run on purpose: the benchmark times the training step itself, and slice
+# scores its slices with evaluate's metrics (the same definitions and intervals).
+ALSO_RUNS = {"benchmark": {"training"}, "slice": {"metrics"}}
+
+
+def test_each_stage_logic_is_in_the_two_files_the_readme_names():
+    """A newcomer finds a stage's logic in its script plus one module (prepare: one per data
+    source): the README's table names them, and the code deps in dvc.yaml hold no other."""
+    rows = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[0].strip("`") in STAGES:
+            rows[cells[0].strip("`")] = cells[3]
+    assert set(rows) == set(STAGES)
+    for name, stage in dvc_yaml()["stages"].items():
+        named = rows[name].split("`")[1::2]
+        assert named[0] == f"stages/{script_of(stage).name}", name
+        own = {Path(p).stem for p in named[1:]}
+        assert 1 <= len(own) <= (2 if name == "prepare" else 1), (name, own)
+        deps = {Path(d).stem for d in stage["deps"] if d.startswith("src/pcam/")}
+        assert deps - SHARED_MODULES - ALSO_RUNS.get(name, set()) == own, name
