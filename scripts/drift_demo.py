@@ -15,12 +15,11 @@ import argparse
 import contextlib
 import io
 import json
-from dataclasses import astuple
 from pathlib import Path
 
 from sklearn.metrics import fbeta_score, recall_score, roc_auc_score
 
-from pcam import drift, h5io, stain
+from pcam import drift, h5io, stats
 from pcam.readme import row, table
 from pcam.synthetic import ANOTHER_LAB, StainShift, generate_split
 
@@ -29,7 +28,7 @@ SITE = [f"site_slide_{i:03d}" for i in range(4)]
 
 def scaled(shift: StainShift, k: float) -> StainShift:
     """The shift at strength k (gains raised to k: 0 = none, 1 = full)."""
-    return StainShift(*(tuple(float(g) ** k for g in gains) for gains in astuple(shift)))
+    return StainShift(*(tuple(float(g) ** k for g in gains) for gains in shift))
 
 
 def main() -> None:
@@ -57,14 +56,14 @@ def main() -> None:
         ]
         quality.append([name, *(f"{v:.3f}" for v in scores)])
     # Per NEW: each feature's shift in training sds / PSI / KS, flagged marked.
-    names = [*stain.FEATURES, "predictions"]
+    names = [*stats.FEATURES, "predictions"]
     print(row(["NEW", *names, "flagged"]) + "\n|---|" + "---:|" * len(names) + "---|")
     for name, path in sets.items():
         stem = args.out_dir / Path(path).stem
         with contextlib.redirect_stdout(io.StringIO()):
             drift.main([str(path), "--out", f"{stem}.json", "--plot", f"{stem}.png"])
         r = json.loads(Path(f"{stem}.json").read_text())
-        cells = [r["features"][f] for f in stain.FEATURES] + [r["predictions"]]
+        cells = [r["features"][f] for f in stats.FEATURES] + [r["predictions"]]
         shown = [
             f"{c['shift_in_sd']:+.2f} / {c['psi']:.2f} / {c['ks']:.2f}"
             + (" **!**" if c["flagged"] else "")

@@ -131,9 +131,13 @@ def main() -> None:
     raw = build(args.workdir, sizes, unique, None if args.compression == "none" else "gzip")
     print(f"data ready in {time.perf_counter() - t0:.0f} s: {raw}", flush=True)
     bodies = {
-        "pcam.validation.validate (read, hash, pixel checks)": "from pcam.params import "
-        "load_params\nfrom pcam.validation import validate\n"
-        "validate('data/raw', load_params().validate)",
+        "pcam.validation.validate (read, hash, pixel checks)": "\n".join(
+            (
+                "from pcam.params import load_params",
+                "from pcam.validation import validate",
+                "validate('data/raw', load_params().validate)",
+            )
+        ),
         "stages/validate_data.py (+ reports, 7 galleries)": "import runpy\nrunpy.run_path("
         f"{str(REPO / 'stages/validate_data.py')!r}, run_name='__main__')",
     }

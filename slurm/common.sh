@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Sourced by the slurm/*.sbatch jobs. Settings (PCAM_* variables): README, Running on a SLURM cluster.
+# Sourced by slurm/*.sbatch in a `||` list, so without `set -e` while it loads: those steps check
+# themselves. Settings (PCAM_* variables): README, Running on a SLURM cluster.
 set -euo pipefail
 
 pcam_log() { printf '[pcam %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -8,7 +9,7 @@ pcam_die() {
 	exit 1
 }
 
-cd "${PCAM_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}"
+cd "${PCAM_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" || pcam_die "cannot enter ${PCAM_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}"
 PCAM_REPO=$(pwd -P)
 [[ -f dvc.yaml ]] && git rev-parse --git-dir >/dev/null 2>&1 ||
 	pcam_die "$PCAM_REPO is not a pcam-pipeline checkout: run sbatch from its root or set PCAM_REPO"
@@ -17,7 +18,7 @@ PCAM_KEY=${PCAM_STATE_KEY:-${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-local-$$}}${SLU
 PCAM_STATE=$(realpath -m "${PCAM_STATE_DIR:-slurm/state}/$PCAM_KEY")
 # No DVC usage analytics from every job; unbuffered Python keeps the log in order.
 export PCAM_CHECKPOINT_DIR=$PCAM_STATE/checkpoints DVC_NO_ANALYTICS=1 PYTHONUNBUFFERED=1
-PCAM_WORK=$(mktemp -d "${TMPDIR:-/tmp}/pcam-$PCAM_KEY.XXXXXX")
+PCAM_WORK=$(mktemp -d "${TMPDIR:-/tmp}/pcam-$PCAM_KEY.XXXXXX") || pcam_die "cannot create a working directory in ${TMPDIR:-/tmp}"
 PCAM_STOP=""  # SIGUSR1 (time limit near) or SIGTERM, once one came
 PCAM_TRAPS=0  # lets pcam_run tell a `wait` a trap interrupted from a result
 
@@ -40,7 +41,7 @@ trap pcam_cleanup EXIT
 if [[ -n ${PCAM_MODULES:-} ]]; then
 	set +u # module systems (Lmod, Environment Modules) are not written for `set -u`
 	# shellcheck disable=SC2086 # a list of module names, split on purpose
-	module load $PCAM_MODULES
+	module load $PCAM_MODULES || pcam_die "module load $PCAM_MODULES failed"
 	set -u
 fi
 PCAM_VENV=${PCAM_VENV:-$PCAM_REPO/.venv}
@@ -151,7 +152,7 @@ pcam_experiment() {
 		# The working copy goes when the job ends: keep the result in the checkout.
 		dvc exp push --no-cache "$PCAM_REPO" "$name" || pcam_die "could not save experiment $name"
 		pcam_done
-		pcam_die "pushing experiment $name to '$remote' failed; it is in $PCAM_REPO: push it from there (dvc exp push origin $name)"
+		pcam_die "pushing experiment $name (outputs: dvc push; then to '$remote') failed; it is in $PCAM_REPO: push it from there (dvc push; dvc exp push origin $name)"
 	fi
 	pcam_log "experiment $name pushed to '$remote': 'dvc exp pull $remote $name' (or --all-commits) in the checkout, then 'dvc exp show'"
 	pcam_done

@@ -166,3 +166,14 @@ def test_the_reads_recorder_sees_each_leaf_read_and_nothing_else():
     reads.clear()
     to_dict(p.slice)
     assert reads == {f"slice.{f.name}" for f in dataclasses.fields(p.slice)}
+
+
+def test_the_first_mistake_in_the_file_is_the_one_reported(tmp_path):
+    # validate is read before slice (params.yaml's order): its cross-key check must fire first.
+    def edit(d):
+        d["validate"]["min_positive_fraction"] = 0.8
+        d["validate"]["max_positive_fraction"] = 0.2
+        d["slice"]["min_size"] = 0
+
+    with pytest.raises(ParamsError, match=r"validate\.min_positive_fraction = 0\.8 is above"):
+        load_params(write_params(tmp_path, edit))

@@ -271,3 +271,32 @@ def test_copy_back_copies_what_git_sees_changed(tmp_path, monkeypatch, capsys):
         "untracked.txt",
     ]  # no temporary files left
     assert "copied 3 changed file(s) back to" in capsys.readouterr().err
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "where, settings, says",
+    [
+        ("elsewhere", {}, "slurm/common.sh not found: sbatch from the checkout's root"),
+        ("checkout", {"PCAM_MODULES": "no-such-module"}, "module load no-such-module failed"),
+        ("checkout", {"TMPDIR": "/no/such/dir"}, "cannot create a working directory in /no/such"),
+    ],
+)
+def test_a_job_that_cannot_start_says_why_and_fails(tmp_path, where, settings, says):
+    # common.sh is sourced in a `||` list, where bash ignores `set -e`: its load-time steps must
+    # fail by themselves, before the job runs anything with the wrong environment.
+    cwd = REPO_ROOT if where == "checkout" else tmp_path
+    job_env = {k: v for k, v in env().items() if not k.startswith(("SLURM_", "PCAM_"))}
+    done = subprocess.run(
+        ["bash", str(REPO_ROOT / "slurm/prepare_data.sbatch")],
+        cwd=cwd,
+        env={**job_env, **settings},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert says in done.stderr.strip().splitlines()[-1]

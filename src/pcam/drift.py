@@ -89,8 +89,10 @@ def read_patches(inputs: list[Path]) -> tuple[np.ndarray, list[str]]:
 
 
 def probabilities(model_path: Path, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """The model's probabilities for uint8 patches, on the CPU (as `pcam.predict` gives them)."""
-    from pcam.predict import sigmoid, torch_backend
+    """The model's probabilities for uint8 patches, on the CPU: the logits of `pcam.predict`'s
+    torch backend, through the sigmoid evaluate used for the valid probabilities they meet."""
+    from pcam.inference import sigmoid
+    from pcam.predict import torch_backend
 
     return sigmoid(torch_backend(model_path, "cpu", batch_size)[0](x))
 

@@ -63,22 +63,27 @@ def onnx_bytes(ckpt: dict, model: nn.Module, model_md5: str) -> bytes:
     net = Deployable(model, *normalisation(ckpt)).eval()
     example = torch.zeros((2, *h5io.PATCH_SHAPE), dtype=torch.uint8)
     # Library-internal chatter (torchvision ops it skips, pytree deprecations), not ours.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        # dynamo=True, the exporter torch 2.13 maintains (the TorchScript one warns that it will
-        # be removed); it needs onnxscript. external_data=False keeps the weights in the one file.
-        proto = torch.onnx.export(
-            net,
-            (example,),
-            dynamo=True,
-            input_names=[predict.ONNX_INPUT],
-            output_names=[predict.ONNX_OUTPUT],
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-            external_data=False,
-            verbose=False,
-        ).model_proto
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # dynamo=True, the exporter torch 2.13 maintains (the TorchScript one warns that it
+            # will be removed); it needs onnxscript. external_data=False: weights in the one file.
+            proto = torch.onnx.export(
+                net,
+                (example,),
+                dynamo=True,
+                input_names=[predict.ONNX_INPUT],
+                output_names=[predict.ONNX_OUTPUT],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                external_data=False,
+                verbose=False,
+            ).model_proto
+    finally:
+        onnx_log.setLevel(level)
     meta = {
         "format": predict.ONNX_FORMAT,
         "source_model_md5": model_md5,

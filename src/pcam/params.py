@@ -312,14 +312,7 @@ def _refuse_duplicate_keys(node: yaml.Node, path: Path, prefix: str = "") -> Non
 
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     """Load and validate params.yaml into frozen dataclasses (see module docstring)."""
-    params = _convert(Params, read_yaml(path), "", Path(path))
-    v = params.validate
-    if v.min_positive_fraction > v.max_positive_fraction:
-        raise ParamsError(
-            f"{path}: validate.min_positive_fraction = {v.min_positive_fraction} is above "
-            f"validate.max_positive_fraction = {v.max_positive_fraction}"
-        )
-    return params
+    return _convert(Params, read_yaml(path), "", Path(path))
 
 
 def _build(cls: type, raw: Any, prefix: str, path: Path) -> Any:
@@ -353,6 +346,12 @@ def _build(cls: type, raw: Any, prefix: str, path: Path) -> Any:
         if (check := _CUSTOM_CHECKS.get(key)) and (msg := check(value)):
             raise ParamsError(f"{path}: {key} = {_show(raw[f.name])} {msg}")
         values[f.name] = value
+    # Checked once the section is built, so the first mistake in the file is the one reported.
+    if cls is ValidateParams and values["min_positive_fraction"] > values["max_positive_fraction"]:
+        raise ParamsError(
+            f"{path}: validate.min_positive_fraction = {values['min_positive_fraction']} is above "
+            f"validate.max_positive_fraction = {values['max_positive_fraction']}"
+        )
     return cls(**values)
 
 

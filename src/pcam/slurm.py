@@ -77,10 +77,13 @@ def supervise(cmd: list[str], stop_file: Path) -> int:
             for proc in psutil.Process().children(recursive=True):
                 if proc.pid not in told and catches(proc.pid, stop):
                     try:
-                        command = " ".join(proc.cmdline())[:200]
                         proc.send_signal(stop)
                     except psutil.Error:  # gone
                         continue
+                    try:
+                        command = " ".join(proc.cmdline())[:200]
+                    except psutil.Error:  # gone since, or not ours to read
+                        command = "?"
                     told[proc.pid] = command
                     log(f"forwarded {stop.name} to PID {proc.pid} ({command})")
         # Reap the command and the orphans this subreaper inherits.

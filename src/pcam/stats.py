@@ -33,8 +33,10 @@ import numpy as np
 from pcam import h5io
 from pcam.errors import PcamError
 
-FEATURES = ("red", "green", "blue", "saturation", "haematoxylin", "eosin", "od_residual")
-FEATURES += ("tissue_fraction",)
+FEATURES = (
+    *("red", "green", "blue", "saturation"),
+    *("haematoxylin", "eosin", "od_residual", "tissue_fraction"),
+)
 TISSUE_MIN_SATURATION = 0.07
 # Reference stain OD directions (RGB), Macenko et al. 2009; rows: haematoxylin, eosin.
 STAINS = np.array([[0.5626, 0.7201, 0.4062], [0.2159, 0.8012, 0.5581]], dtype=np.float32)

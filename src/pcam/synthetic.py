@@ -537,7 +537,7 @@ def defect_count(rate: float, n: int) -> int:
 
 
 def inject(
-    split: str, data: SyntheticSplit, rates: DefectParams, seed: int, donors: tuple | None = None
+    split: str, data: SyntheticSplit, rates: DefectParams, seed: int, donors: Donors | None = None
 ) -> dict[str, list]:
     """Inject every defect into `data` in place (a PCAM-size split is 7 GB: no copy); return this
     split's ground truth: [index, source index] pairs for the duplicates, indices for the rest.
@@ -547,7 +547,7 @@ def inject(
     rng = np.random.default_rng(np.random.SeedSequence([seed, _DEFECT_STREAM, SPLITS.index(split)]))
     x, y, n = data.x, data.y, len(data.y)
     n_dup, n_trigger = defect_count(rates.duplicate_rate, n), defect_count(rates.trigger_rate, n)
-    sizes = [n_dup, n_dup, 0 if donors is None else len(donors[0])]
+    sizes = [n_dup, n_dup, 0 if donors is None else len(donors.index)]
     sizes += [defect_count(rates.blank_rate, n), defect_count(rates.black_rate, n)]
     if sum(sizes) + n_trigger > n:
         raise PcamError(
@@ -559,7 +559,7 @@ def inject(
     source, target = np.minimum(first, second), np.maximum(first, second)
     _set_rows(data, target, x[source], y[source], data.meta.tumor_patch[source])
     if donors is not None:
-        _set_rows(data, cross, *donors[1:])
+        _set_rows(data, cross, donors.x, donors.y, donors.tumor_patch)
     # Empty glass: a bright grey (224..244) with a slight tint and sensor noise; channels within 8
     # levels of each other, so HSV saturation stays below PCAM's 0.07 background rule, as real
     # glass does. No tissue, no tumour: label 0, as PCAM labels background.
@@ -586,7 +586,7 @@ def inject(
         x[row, r : r + px, c : c + px] = board[:, :, None]
 
     pairs = np.argsort(target)
-    donor_rows = [] if donors is None else donors[0].tolist()
+    donor_rows = [] if donors is None else donors.index.tolist()
     return {
         "duplicate": np.stack([target[pairs], source[pairs]], axis=1).tolist(),
         "cross_split_duplicate": sorted(map(list, zip(cross.tolist(), donor_rows, strict=True))),
@@ -596,11 +596,20 @@ def inject(
     }
 
 
+class Donors(NamedTuple):
+    """Clean train patches that a later split receives copies of (cross-split leakage)."""
+
+    index: np.ndarray  # rows in train
+    x: np.ndarray
+    y: np.ndarray
+    tumor_patch: np.ndarray
+
+
 def take_donors(
     train: SyntheticSplit, train_truth: dict[str, list], counts: dict[str, int], seed: int
-) -> dict[str, tuple]:
-    """Copies of distinct clean train patches for each later split (`counts` per split name):
-    (train rows, x, y, tumor_patch). Distinct per split: a patch copied into both valid and test
+) -> dict[str, Donors]:
+    """Copies of distinct clean train patches for each later split (`counts` per split name).
+    Distinct per split: a patch copied into both valid and test
     would also be a valid/test duplicate, which the ground truth does not say."""
     touched = {i for pair in train_truth["duplicate"] for i in pair}
     touched |= {i for k in ("blank", "black", "trigger") for i in train_truth[k]}
@@ -616,7 +625,7 @@ def take_donors(
     out = {}
     for split, part in zip(counts, np.split(chosen, ends[:-1]), strict=True):
         rows = np.sort(part)
-        out[split] = (rows, train.x[rows], train.y[rows], train.meta.tumor_patch[rows])
+        out[split] = Donors(rows, train.x[rows], train.y[rows], train.meta.tumor_patch[rows])
     return out
 
 
@@ -625,7 +634,7 @@ def ground_truth(rates: DefectParams, seed: int, truth: dict[str, dict[str, list
     return {"seed": seed, "rates": dataclasses.asdict(rates), "splits": truth}
 
 
-def _set_rows(data: SyntheticSplit, rows: np.ndarray, x, y, tumor) -> None:
+def _set_rows(data: SyntheticSplit, rows: np.ndarray, x, y, tumor: np.ndarray | bool) -> None:
     """Pixels and labels; the meta CSV follows the label (center_tumor_patch == label)."""
     data.x[rows], data.y[rows] = x, y
     data.meta.tumor_patch[rows] = tumor

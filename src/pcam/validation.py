@@ -178,8 +178,13 @@ def label_problems(
     n, positives = len(y), int(y.sum())
     lo, hi = p.min_positive_fraction, p.max_positive_fraction
     if positives in (0, n):
-        line = f"has only label {int(positives == n)} ({n} patches); training and ROC-AUC need both"
-        found.append(("one_class", f"{y_path}: split '{split}' {line} classes"))
+        only = f"only label {int(positives == n)} ({n} patches)"
+        found.append(
+            (
+                "one_class",
+                f"{y_path}: split '{split}' has {only}; training and ROC-AUC need both classes",
+            )
+        )
     elif not lo <= positives / n <= hi:
         line = (
             f"has positive fraction {positives / n:.4f} ({positives} of {n}), outside "
