@@ -142,7 +142,7 @@ def _open_split(raw_dir: Path, split: str, p: ValidateParams) -> _SplitFiles:
     with fx:
         if dx.ndim != 4 or dx.shape[1:] != h5io.PATCH_SHAPE:
             raise PcamError(f"{xp}: dataset 'x' has shape {dx.shape}, expected (N, 96, 96, 3)")
-        if dx.dtype.kind == "f" and not p.allow_float_images:
+        if not p.allow_float_images and dx.dtype.kind == "f":  # param first: read on every run
             raise PcamError(
                 f"{xp}: dataset 'x' has dtype {dx.dtype}, expected uint8 (set "
                 "validate.allow_float_images: true to accept floats holding integers 0..255)"
