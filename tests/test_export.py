@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
 import pytest
 
+import pcam
 from pcam import h5io
 from pcam.export import main, parity
 from pcam.fileio import md5_file
@@ -34,6 +39,28 @@ def test_export_report_and_metadata(deployed_model):
 def test_export_is_byte_reproducible(deployed_model, tmp_path):
     main(export_args(deployed_model, tmp_path / "again.onnx", tmp_path / "again.json"))
     assert (tmp_path / "again.onnx").read_bytes() == (deployed_model / "model.onnx").read_bytes()
+
+
+def test_export_bytes_do_not_depend_on_where_or_how_it_ran(deployed_model, tmp_path):
+    # torch's exporter records source paths, lines and module names per node: a copy of the code
+    # elsewhere, run as `python -m pcam.export`, must still write the in-process export's bytes.
+    code = tmp_path / "elsewhere"
+    shutil.copytree(os.path.dirname(pcam.__file__), code / "pcam")
+    out = tmp_path / "model.onnx"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pcam.export",
+            *export_args(deployed_model, out, tmp_path / "r.json"),
+        ],
+        env={**os.environ, "PYTHONPATH": str(code)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == (deployed_model / "model.onnx").read_bytes()
 
 
 def test_parity_counts_flipped_labels_and_large_differences():

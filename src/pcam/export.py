@@ -84,6 +84,10 @@ def onnx_bytes(ckpt: dict, model: nn.Module, model_md5: str) -> bytes:
             ).model_proto
     finally:
         onnx_log.setLevel(level)
+    # The exporter's debug records (source paths and lines, Python module names) would tie the
+    # bytes to where and how the export ran; onnxruntime does not read them.
+    for node in [*proto.graph.node, *(n for f in proto.functions for n in f.node)]:
+        del node.metadata_props[:]
     meta = {
         "format": predict.ONNX_FORMAT,
         "source_model_md5": model_md5,
