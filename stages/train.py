@@ -16,7 +16,6 @@ from pathlib import Path
 import pcam  # noqa: F401  (first: pins the CPU numerics before numpy and torch load)
 
 # isort: split
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from dvclive import Live
@@ -51,9 +50,6 @@ def run_rank(rank: int, world: int) -> None:
     train_split = load_split(RAW_DIR, "train", exclusions, budget)
     valid_split = load_split(RAW_DIR, "valid", memory_budget_gb=budget)
     inputs = [path for s in ("train", "valid") for path in h5io.split_files(RAW_DIR, s)[:2]]
-    # train.threads from here on, not the launcher's default (the machine's cores; torchrun and
-    # SLURM set OMP_NUM_THREADS): what runs before train() (provenance) must not see another.
-    torch.set_num_threads(p.threads)
     prov = provenance("train", p.seed, device, [*inputs, EXCLUSIONS, STATS])
     prov["world_size"] = world
     # dvcyaml=False/save_dvc_exp=False: dvc.yaml declares these files; DVCLive must not rewrite it

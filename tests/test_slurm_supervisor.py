@@ -289,6 +289,9 @@ def test_a_job_that_cannot_start_says_why_and_fails(tmp_path, where, settings, s
     # fail by themselves, before the job runs anything with the wrong environment.
     cwd = REPO_ROOT if where == "checkout" else tmp_path
     job_env = {k: v for k, v in env().items() if not k.startswith(("SLURM_", "PCAM_"))}
+    # A venv that is not there: should a broken check let the job go on, it stops at activation
+    # (a failed assertion) instead of running the job in the checkout.
+    job_env["PCAM_VENV"] = str(tmp_path / "no-venv")
     done = subprocess.run(
         ["bash", str(REPO_ROOT / "slurm/prepare_data.sbatch")],
         cwd=cwd,

@@ -229,8 +229,19 @@ def _check_checksums(value: str) -> str | None:
     return "must be 'official' or the path of a .json file {file name: md5}"
 
 
+def _check_positive_fraction_range(v: dict) -> str | None:
+    if v["min_positive_fraction"] <= v["max_positive_fraction"]:
+        return None
+    return (
+        f"validate.min_positive_fraction = {v['min_positive_fraction']} is above "
+        f"validate.max_positive_fraction = {v['max_positive_fraction']}"
+    )
+
+
 # Checks that do not fit a type + range, by dotted key: value -> error message or None.
 _CUSTOM_CHECKS = {"evaluate.threshold": _check_threshold, "data.pcam.checksums": _check_checksums}
+# Checks across the keys of one section, once it is built (so in file order): values -> message.
+_SECTION_CHECKS = {ValidateParams: _check_positive_fraction_range}
 # type -> (accepts a YAML value, what it must be); bool is an int to Python, so refused by hand.
 _SCALARS = {
     bool: (lambda v: isinstance(v, bool), "true or false"),
@@ -346,12 +357,8 @@ def _build(cls: type, raw: Any, prefix: str, path: Path) -> Any:
         if (check := _CUSTOM_CHECKS.get(key)) and (msg := check(value)):
             raise ParamsError(f"{path}: {key} = {_show(raw[f.name])} {msg}")
         values[f.name] = value
-    # Checked once the section is built, so the first mistake in the file is the one reported.
-    if cls is ValidateParams and values["min_positive_fraction"] > values["max_positive_fraction"]:
-        raise ParamsError(
-            f"{path}: validate.min_positive_fraction = {values['min_positive_fraction']} is above "
-            f"validate.max_positive_fraction = {values['max_positive_fraction']}"
-        )
+    if (check := _SECTION_CHECKS.get(cls)) and (msg := check(values)):
+        raise ParamsError(f"{path}: {msg}")
     return cls(**values)
 
 

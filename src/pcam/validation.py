@@ -326,6 +326,7 @@ def _scan(
     n = len(sf.y)
     found, kept = np.empty(n, _DIGEST), {}
     flags = {reason: np.zeros(n, dtype=bool) for reason in PIXEL_REASONS}
+    shown = dict.fromkeys(PIXEL_REASONS, 0)  # gallery patches kept so far, per reason
 
     def task(start: int, part: np.ndarray) -> None:  # each task fills its own rows
         found[start : start + len(part)] = digests(part)
@@ -345,10 +346,11 @@ def _scan(
             starts = range(0, len(block), _TASK_ROWS)
             parts = [block[i : i + _TASK_ROWS] for i in starts]
             list(pool.map(task, [rows.start + i for i in starts], parts))
-            for hit in flags.values():
-                for i in np.flatnonzero(hit[: rows.stop])[:GALLERY_SIZE]:
-                    if i >= rows.start:
-                        kept[int(i)] = block[i - rows.start].copy()
+            for reason, hit in flags.items():  # this chunk only: earlier ones are counted
+                new = np.flatnonzero(hit[rows])[: GALLERY_SIZE - shown[reason]]
+                shown[reason] += len(new)
+                for i in new:
+                    kept[rows.start + int(i)] = block[i].copy()
     return found, flags, kept
 
 
