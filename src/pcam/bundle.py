@@ -28,7 +28,8 @@ from pathlib import Path
 from pcam import __version__
 from pcam.errors import PcamError, exit_on_user_error
 from pcam.fileio import atomic_path, md5_file, write_json, write_text
-from pcam.predict import Parser, load_onnx
+from pcam.predict import Parser, load_onnx, load_threshold
+from pcam.readme import read
 
 # What `python -m pcam.predict --backend onnx` imports beyond the standard library.
 RUNTIME_PACKAGES = ("numpy", "onnxruntime", "pillow", "h5py")
@@ -176,9 +177,8 @@ def check_models(model_dir: Path) -> dict:
             f"{model_dir / 'model.onnx'}: exported from another model.pt (md5 differs): run "
             "`make export`"
         )
-    if json.loads((model_dir / "threshold.json").read_text()).get("model_md5") != pt_md5:
-        raise PcamError(f"{model_dir / 'threshold.json'}: chosen for another model.pt")
-    parity = json.loads((model_dir / "onnx_parity.json").read_text())
+    load_threshold(model_dir / "threshold.json", pt_md5, model_dir / "model.pt")
+    parity = read(model_dir, "onnx_parity.json")  # a file that is not JSON: one line, not a trace
     if parity.get("onnx_md5") != md5_file(model_dir / "model.onnx"):
         raise PcamError(f"{model_dir / 'onnx_parity.json'}: reports another model.onnx")
     return {"normalisation": onnx_model.normalisation, "parity": parity}

@@ -36,6 +36,7 @@ from pcam import stats
 from pcam.errors import PcamError, exit_on_user_error
 from pcam.fileio import write_json
 from pcam.params import DriftParams, load_params
+from pcam.predict import positive_int
 
 EXIT_DRIFT = 3
 
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--out", type=Path, default=Path("reports/drift.json"))
     ap.add_argument("--plot", type=Path, default=Path("reports/drift.png"))
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=positive_int, default=256)
     help_fail = f"exit {EXIT_DRIFT} when drift is flagged"
     ap.add_argument("--fail-on-drift", action="store_true", help=help_fail)
     args = ap.parse_args(argv)

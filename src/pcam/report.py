@@ -41,6 +41,7 @@ from pcam.lockcheck import (
     overlaps,
     pipeline_order,
 )
+from pcam.readme import table
 
 DEFAULT_METRICS_FILE = "metrics/eval.json"
 MAIN_METRICS = (
@@ -328,11 +329,6 @@ def config_label(config: Config, varying: list[str]) -> str:
     return ", ".join(f"{k}={_fmt_value(config.params.get(k))}" for k in varying) or "(all runs)"
 
 
-def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    row_lines = ["| " + " | ".join(cells) + " |" for cells in [head, *rows]]
-    return [row_lines[0], "|" + "---|" * len(head), *row_lines[1:]]
-
-
 def experiments_markdown(
     configs: list[Config],
     metrics: list[str],
@@ -359,7 +355,7 @@ def experiments_markdown(
         f"## Experiments: {len(configs)} configuration(s), {sum(len(c.runs) for c in configs)} "
         f"run(s), mean ± sample std over {seed_param}",
         "",
-        *_table(head, rows),
+        *table(head, rows, len(head), spaced=False),
         "",
         f"Champion by {'lowest' if lower_is_better else 'highest'} mean {select} over seeds: "
         f"**{config_label(best, varying)}** ({_fmt_stat(stat)}, n={stat.n}; runs: "
@@ -377,7 +373,8 @@ def experiments_markdown(
             + [f"{v:.4f}" if (v := metric_value(r, m)) is not None else "–" for m in metrics]
             for r in baselines
         ]
-        lines += _table(["baseline commit", *shown, *metrics], rows)
+        head = ["baseline commit", *shown, *metrics]
+        lines += table(head, rows, len(head), spaced=False)
     if len({tuple(map(str, c.seeds)) for c in configs}) > 1:
         lines.append(
             "Warning: configurations were run with different seeds; their means are not "
